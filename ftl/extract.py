@@ -1,0 +1,193 @@
+"""Extract: list images → decode on CPU tasks → backbone actor pool → Parquet features.
+
+Output layout under `extract.output`:
+    _ftl.json               provenance of the feature set this folder holds
+    features/part-*.parquet one row per image, one fixed_size_list column per layer
+    quarantine/part-*.parquet  images that could not be read or decoded, with the reason
+Images already in either folder are skipped, so a rerun does only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ftl import backbones, decode, schema, sources, storage, weights
+from ftl.config import ExtractConfig, Workflow
+from ftl.embed import Embedder, ModelSpec
+from ftl.sink import FEATURES, QUARANTINE, FeatureSink
+
+PROVENANCE_FILE = "_ftl.json"
+
+
+class ExtractError(RuntimeError):
+    """The run could not complete as asked; the message says why and what to do."""
+
+
+@dataclass
+class ExtractResult:
+    listed: int
+    already_done: int
+    ok: int
+    quarantined: int
+    seconds: float
+    output: str
+    features_uri: str
+    quarantine_uri: str
+    feature_set: str
+    provenance: dict = field(repr=False)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.ok + self.quarantined) / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"listed {self.listed} = {self.already_done} already done + {self.ok} extracted + "
+            f"{self.quarantined} quarantined, in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)\n"
+            f"features:   {self.features_uri}\nquarantine: {self.quarantine_uri}\n"
+            f"feature set {self.feature_set}: {self.provenance['backbone']} "
+            f"{[l['name'] for l in self.provenance['layers']]}"
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("provenance")
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+def resolve_preprocess(cfg: ExtractConfig) -> decode.Preprocess:
+    base = backbones.preprocess_defaults(cfg.backbone)
+    over = {k: v for k, v in cfg.preprocess.model_dump().items() if v is not None}
+    merged = {**base, **over}
+    if "resize" in over and "crop" not in over:
+        merged["crop"] = min(merged["crop"], merged["resize"])
+    return decode.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
+
+
+def plan(wf: Workflow) -> tuple[ModelSpec, dict, decode.Preprocess]:
+    """Validate layers and resolve weights on the driver, before any Ray work starts."""
+    cfg = wf.extract
+    layers = backbones.check_layers(cfg.backbone, cfg.layers)
+    pre = resolve_preprocess(cfg)
+    ref = weights.resolve(cfg.backbone, cfg.weights, storage_options=wf.storage.options)
+    dims = backbones.layer_dims(cfg.backbone, layers, pooling=cfg.pooling, size=pre.crop)
+    prov = schema.provenance(
+        backbone=cfg.backbone,
+        weights=ref.to_dict(),
+        layers=[{"name": l, "column": schema.column(l), "dim": dims[l], "pooling": cfg.pooling} for l in layers],
+        preprocess=asdict(pre) | {"mean": list(pre.mean), "std": list(pre.std)},
+        feature_dtype=cfg.feature_dtype,
+    )
+    spec = ModelSpec(
+        backbone=cfg.backbone, weights=ref, layers=tuple(layers), pooling=cfg.pooling, mean=pre.mean, std=pre.std,
+        device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
+        torch_threads=cfg.torch_threads, storage_options=wf.storage.options or None,
+    )
+    return spec, prov, pre
+
+
+def claim_output(out: storage.Location, prov: dict) -> None:
+    """One output holds one feature set: a different one is an error, never a silent mix."""
+    marker = out.join(PROVENANCE_FILE)
+    if out.fs.exists(marker.path):
+        existing = json.loads(out.fs.cat_file(marker.path))
+        if existing["feature_set"] != prov["feature_set"]:
+            differ = ", ".join(schema.differences(existing, prov))
+            raise ExtractError(
+                f"{out.uri} already holds feature set {existing['feature_set']}, which differs in: {differ}. "
+                f"Set extract.output to a new location for this feature set."
+            )
+        return
+    out.fs.makedirs(out.path, exist_ok=True)
+    with out.fs.open(marker.path, "wb") as f:
+        f.write(json.dumps(prov, indent=2, sort_keys=True).encode())
+
+
+def done_ids(out: storage.Location) -> pa.Array:
+    """image_id of every image already in features or quarantine (only that column is read)."""
+    parts = [storage.read_parquet(out.join(d), columns=["image_id"]) for d in (FEATURES, QUARANTINE)]
+    parts = [p["image_id"].combine_chunks() for p in parts if p is not None]
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def pending(listing: pa.Table, done: pa.Array) -> pa.Table:
+    return listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
+
+
+def actor_resources(cfg: ExtractConfig, device: str) -> dict:
+    """CPU and GPU asks for each actor, leaving CPU for the decode tasks."""
+    import ray
+
+    if device == "cuda":
+        return {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # On a small machine one actor takes what the readers do not need; on 2 cores,
+    # two actors at num_cpus=1 would leave no CPU for decoding and stall the pipeline.
+    return {"num_cpus": cfg.actor_cpus or max(0.5, min(1.0, cpus - 1) if cpus <= 2 else 1.0)}
+
+
+def run(wf: Workflow) -> ExtractResult:
+    """Extract features for every listed image not yet in the output."""
+    from ftl.ray_runtime import ensure_ray
+
+    cfg = wf.extract
+    started = time.perf_counter()
+    spec, prov, pre = plan(wf)
+    out = storage.locate(cfg.output, wf.storage.options)
+    claim_output(out, prov)
+    listing = sources.list_images(wf.source, storage_options=wf.storage.options)
+    todo = pending(listing, done_ids(out))
+    result = ExtractResult(
+        listed=listing.num_rows, already_done=listing.num_rows - todo.num_rows, ok=0, quarantined=0, seconds=0.0,
+        output=out.uri, features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
+        feature_set=prov["feature_set"], provenance=prov,
+    )
+    if todo.num_rows:
+        ensure_ray()
+        sink = FeatureSink(out, prov, rows_per_file=cfg.rows_per_file)
+        pipeline(todo, spec, prov, pre, cfg, storage_options=wf.storage.options).write_datasink(sink)
+        result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
+    result.seconds = time.perf_counter() - started
+    processed = result.ok + result.quarantined
+    if processed and result.quarantined / processed > cfg.max_error_fraction:
+        raise ExtractError(
+            f"{result.quarantined} of {processed} images were quarantined, over extract.max_error_fraction="
+            f"{cfg.max_error_fraction}; see {result.quarantine_uri} for the reasons.\n{result.summary()}"
+        )
+    return result
+
+
+def pipeline(todo: pa.Table, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
+             *, storage_options: dict):
+    """The Ray Data plan: listing blocks → decode tasks → actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ftl.embed import pick_device
+
+    # Blocks of a few decode batches each let decode tasks run in parallel and stream.
+    rows = cfg.decode_batch_size * 4
+    blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
+    device = "cuda" if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode.decode_batch,
+        fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode_cpus,
+    )
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"spec": spec, "prov": prov},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.actors),
+        **actor_resources(cfg, device),
+    )

@@ -1,0 +1,77 @@
+"""The extract ⇄ train contract: Arrow schemas of the feature and quarantine tables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+METADATA_KEY = b"ftl"
+FORMAT_VERSION = 1
+
+BASE = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("label", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+]
+
+QUARANTINE = pa.schema(
+    [*BASE[:4], pa.field("stage", pa.string(), nullable=False), pa.field("error", pa.string(), nullable=False)]
+)
+
+# What identifies a feature set: rows from two sets never mix in one output.
+IDENTITY = ("backbone", "weights", "layers", "preprocess", "feature_dtype")
+
+
+def column(layer: str) -> str:
+    """Column name of a tapped layer; dots would read as struct access in Spark and SQL."""
+    return "feat_" + layer.replace(".", "_")
+
+
+def provenance(*, backbone: str, weights: dict, layers: list[dict], preprocess: dict, feature_dtype: str) -> dict:
+    """What produced the features; stored as JSON in the Parquet schema metadata."""
+    import torch
+    import torchvision
+
+    from ftl import __version__
+
+    prov = {
+        "format": FORMAT_VERSION,
+        "backbone": backbone,
+        "weights": {"id": weights["id"], "kind": weights["kind"], "sha256": weights["sha256"]},
+        "layers": layers,
+        "preprocess": preprocess,
+        "feature_dtype": feature_dtype,
+        "versions": {"ftl": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+    prov["feature_set"] = feature_set_id(prov)
+    return prov
+
+
+def feature_set_id(prov: dict) -> str:
+    identity = {k: prov[k] for k in IDENTITY}
+    identity["weights"] = {"sha256": prov["weights"]["sha256"], "id": prov["weights"]["id"]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """Which identity fields two provenances disagree on."""
+    return [k for k in IDENTITY if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+
+
+def features(prov: dict) -> pa.Schema:
+    """Base columns plus one fixed_size_list column per tapped layer, provenance in metadata."""
+    value = pa.float16() if prov["feature_dtype"] == "float16" else pa.float32()
+    fields = [*BASE] + [pa.field(l["column"], pa.list_(value, l["dim"])) for l in prov["layers"]]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(prov, sort_keys=True).encode()})
+
+
+def read_provenance(schema: pa.Schema) -> dict:
+    meta = schema.metadata or {}
+    if METADATA_KEY not in meta:
+        raise ValueError("this Parquet has no ftl provenance metadata; was it written by `ftl extract`?")
+    return json.loads(meta[METADATA_KEY])

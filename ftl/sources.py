@@ -1,0 +1,114 @@
+"""Listing a dataset: which images exist, their labels and splits, and a stable id for each."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ftl import storage
+from ftl.config import SourceConfig
+
+LISTING = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string())]
+)
+
+
+class SourceError(ValueError):
+    """A source that cannot be listed; the message says what was expected."""
+
+
+def image_id(uri: str, version: str) -> str:
+    """Stable id: the URI plus the object's version (ETag, or size and mtime), hashed."""
+    return hashlib.blake2b(f"{uri}\n{version}".encode(), digest_size=16).hexdigest()
+
+
+def version_of(info: dict) -> str:
+    """What changes when the object changes: S3's ETag, else size and modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{etag.strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def list_images(cfg: SourceConfig, *, storage_options: dict | None = None) -> pa.Table:
+    """All images of the source, sorted by URI, as a LISTING table."""
+    if cfg.format == "imagefolder":
+        table = imagefolder(storage.locate(cfg.uri, storage_options), cfg.extensions)
+    else:
+        table = manifest(storage.locate(cfg.uri, storage_options), storage_options)
+    table = table.sort_by("uri")
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    if table.num_rows == 0:
+        raise SourceError(f"source.uri {cfg.uri} holds no images with extensions {cfg.extensions}")
+    return table
+
+
+def imagefolder(root: storage.Location, extensions: list[str]) -> pa.Table:
+    """`<root>/[<split>/]<class>/<file>`: label and split come from the path."""
+    if not root.fs.exists(root.path):
+        raise SourceError(f"source.uri {root.uri} does not exist")
+    found = root.fs.find(root.path, detail=True)
+    exts = tuple(e.lower() for e in extensions)
+    rows = defaultdict(list)
+    for path, info in found.items():
+        if info.get("type") == "directory" or not path.lower().endswith(exts):
+            continue
+        parts = posixpath.relpath(path, root.path).split("/")
+        uri = root.to_uri(path)
+        rows["image_id"].append(image_id(uri, version_of(info)))
+        rows["uri"].append(uri)
+        rows["label"].append(parts[-2] if len(parts) >= 2 else None)
+        rows["split"].append(parts[-3] if len(parts) >= 3 else None)
+    return pa.table(rows or {n: [] for n in LISTING.names}, schema=LISTING)
+
+
+def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
+    """A Parquet or CSV file with a `uri` column and optional `label` and `split` columns."""
+    if not loc.fs.exists(loc.path):
+        raise SourceError(f"source.uri {loc.uri} does not exist")
+    with loc.fs.open(loc.path, "rb") as f:
+        table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f)
+    if "uri" not in table.column_names:
+        raise SourceError(f"manifest {loc.uri} has no 'uri' column; columns: {table.column_names}")
+    base = loc.join("..")
+    base = storage.Location(base.fs, posixpath.normpath(base.path), base.scheme)
+    uris = [storage.resolve(base, u) for u in table["uri"].to_pylist()]
+    versions = stat_all(uris, storage_options)
+    columns = {
+        "image_id": [image_id(u, versions.get(u, "missing")) for u in uris],
+        "uri": uris,
+        "label": _strings(table, "label"),
+        "split": _strings(table, "split"),
+    }
+    return pa.table(columns, schema=LISTING)
+
+
+def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, str]:
+    """Versions of many objects with one listing per folder instead of one request per object."""
+    by_dir = defaultdict(set)
+    for u in uris:
+        by_dir[posixpath.dirname(u)].add(u)
+    versions = {}
+    for folder, wanted in by_dir.items():
+        loc = storage.locate(folder, storage_options)
+        if not loc.fs.exists(loc.path):
+            continue  # the images stay listed and are quarantined as unreadable
+        for info in loc.fs.ls(loc.path, detail=True):
+            uri = loc.to_uri(info["name"])
+            if uri in wanted:
+                versions[uri] = version_of(info)
+    return versions
+
+
+def _strings(table: pa.Table, name: str) -> pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    return pc.cast(table[name], pa.string())
