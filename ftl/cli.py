@@ -23,7 +23,13 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from ftl.sources import SourceError
     from ftl.weights import WeightsError
 
-    return (config.WorkflowError, LayerError, WeightsError, SourceError, ExtractError, FileNotFoundError)
+    from ftl.features import FeatureError
+    from ftl.predict import PredictError
+    from ftl.tracking import TrackingError
+    from ftl.train import TrainError
+
+    return (config.WorkflowError, LayerError, WeightsError, SourceError, ExtractError, FileNotFoundError,
+            FeatureError, TrainError, TrackingError, PredictError)
 
 
 @app.command()
@@ -40,6 +46,46 @@ def extract(workflow: Workflow, set: Sets = None) -> None:
 
     wf = config.load_workflow(workflow, set or [])
     result = stage.run(wf)
+    typer.echo(result.summary())
+
+
+
+@app.command()
+def train(workflow: Workflow, set: Sets = None) -> None:
+    """Fit a head on the extracted features with Ray Train; log and register it in MLflow."""
+    from ftl import train as stage
+
+    wf = config.load_workflow(workflow, set or [])
+    typer.echo(stage.run(wf).summary())
+
+
+@app.command()
+def run(workflow: Workflow, set: Sets = None) -> None:
+    """Extract (only what is new), then train, then register: the whole workflow."""
+    from ftl import extract as extract_stage
+    from ftl import tracking
+    from ftl import train as train_stage
+
+    wf = config.load_workflow(workflow, set or [])
+    extracted = extract_stage.run(wf)
+    typer.echo(extracted.summary())
+    extraction_run = tracking.log_extraction(wf.tracking, workflow=wf.name, result=extracted,
+                                             params=config.mask_secrets(wf.model_dump(mode="json")))
+    typer.echo(f"MLflow extraction run {extraction_run}: {tracking.run_link(extraction_run)}")
+    typer.echo(train_stage.run(wf, extraction_run=extraction_run).summary())
+
+
+@app.command()
+def predict(model: Annotated[str, typer.Option(help="models:/<name>/<version>, runs:/... or a model folder")],
+            input: Annotated[str, typer.Option(help="folder (local or s3://) of images, or a manifest .csv/.parquet")],
+            output: Annotated[str, typer.Option(help="where to write predictions/ and quarantine/ Parquet")],
+            top_k: Annotated[int, typer.Option(help="classes kept per image")] = 5,
+            batch_size: Annotated[int, typer.Option(help="images per model call")] = 64,
+            actors: Annotated[int, typer.Option(help="model actors in the pool")] = 1) -> None:
+    """Classify new images with a registered model, on Ray Data, into Parquet."""
+    from ftl import predict as stage
+
+    result = stage.run(model, input, output, top_k=top_k, batch_size=batch_size, actors=actors)
     typer.echo(result.summary())
 
 

@@ -65,11 +65,43 @@ class ExtractConfig(Strict):
     rows_per_file: int = Field(default=8192, ge=1)
 
 
+class TrainConfig(Strict):
+    features: str | None = Field(default=None, description="features folder; default: <extract.output>/features")
+    layer: str | None = Field(default=None, description="which extracted layer; default: the first")
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: list[int] = Field(default_factory=lambda: [512], description="mlp hidden sizes")
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    optimizer: Literal["adamw", "lbfgs"] = "adamw"
+    epochs: int = Field(default=100, ge=1, description="adamw: passes over train; lbfgs: rounds of 20 iterations")
+    batch_size: int = Field(default=256, ge=1, description="global: split across workers")
+    lr: float = Field(default=1e-3, gt=0)
+    # A list is a sweep: one head per value, the best on val accuracy is kept.
+    weight_decay: float | list[float] = 1e-4
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    patience: int = Field(default=10, ge=1, description="epochs without a better val loss before stopping")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when the data has no val split")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="used when the data has no test split")
+    seed: int = 0
+    workers: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto"] | bool = "auto"
+    checkpoints: str | None = Field(default=None, description="Ray Train storage; default: <extract.output>/checkpoints")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(default=None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str | None = Field(default=None, description="default: the workflow name")
+    registered_model: str | None = Field(default=None, description="default: the workflow name")
+    system_metrics: bool = True
+
+
 class Workflow(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     source: SourceConfig
     storage: StorageConfig = StorageConfig()
     extract: ExtractConfig
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("name")
     @classmethod

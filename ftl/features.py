@@ -1,0 +1,155 @@
+"""Reading features for training: one layer's column, labels and splits, with the provenance checked."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ftl import schema, storage
+
+SPLITS = ("train", "val", "test")
+
+
+class FeatureError(ValueError):
+    """Features that cannot be trained on as asked; the message says which and what to do."""
+
+
+@dataclass
+class FeatureData:
+    """Arrays per split, the label vocabulary, and where they came from."""
+
+    uri: str
+    provenance: dict
+    layer: dict  # {name, column, dim, pooling}
+    classes: list[str]
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    split_source: str  # "column", "hash" or "column+hash"
+    files: list[str] = field(default_factory=list)
+
+    def rows(self, split: str) -> int:
+        return len(self.y[split])
+
+    @property
+    def digest(self) -> str:
+        """Changes whenever the set of files or the feature set changes."""
+        h = hashlib.sha256(self.provenance["feature_set"].encode())
+        for f in sorted(self.files):
+            h.update(f.encode())
+        return h.hexdigest()[:16]
+
+
+def check_provenance(loc: storage.Location, parts: list[str]) -> dict:
+    """Every part must hold the same feature set; the error names the fields that differ."""
+    first = None
+    for part in parts:
+        with loc.fs.open(part, "rb") as f:
+            prov = schema.read_provenance(pq.read_schema(f))
+        if first is None:
+            first, first_part = prov, part
+        elif prov["feature_set"] != first["feature_set"]:
+            differ = ", ".join(schema.differences(first, prov)) or "feature_set"
+            raise FeatureError(
+                f"features at {loc.uri} mix feature sets: {first_part} has {first['feature_set']}, "
+                f"{part} has {prov['feature_set']}; they differ in: {differ}. Extract each feature set "
+                f"into its own extract.output and train on one."
+            )
+    return first
+
+
+def pick_layer(prov: dict, name: str | None, uri: str) -> dict:
+    names = [l["name"] for l in prov["layers"]]
+    if name is None:
+        return prov["layers"][0]
+    for layer in prov["layers"]:
+        if name in (layer["name"], layer["column"]):
+            return layer
+    raise FeatureError(
+        f"train.layer: {name!r} is not in the features at {uri}; extracted layers: {', '.join(names)} "
+        f"(add it to extract.layers and rerun ftl extract, or pick one of these)"
+    )
+
+
+def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: float, seed: int = 0,
+         storage_options: dict | None = None) -> FeatureData:
+    """Read the labelled rows of one layer and assign each to train, val or test."""
+    loc = storage.locate(uri, storage_options)
+    parts = storage.list_parquet(loc)
+    if not parts:
+        raise FeatureError(f"no feature Parquet under {loc.uri}; run `ftl extract` first (or set train.features)")
+    prov = check_provenance(loc, parts)
+    chosen = pick_layer(prov, layer, loc.uri)
+    columns = ["image_id", "label", "split", chosen["column"]]
+    table = pq.ParquetDataset(parts, filesystem=loc.fs).read(columns=columns)
+    table = table.filter(pc.is_valid(table["label"]))
+    if table.num_rows == 0:
+        raise FeatureError(f"features at {loc.uri} have no labelled rows; training needs a label per image")
+    classes = sorted(pc.unique(table["label"]).to_pylist())
+    if len(classes) < 2:
+        raise FeatureError(f"features at {loc.uri} hold a single class {classes}; a classifier needs two or more")
+    labels = np.searchsorted(np.array(classes, dtype=object), np.array(table["label"].to_pylist(), dtype=object))
+    splits, source = assign_splits(table, labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    x = to_matrix(table[chosen["column"]], chosen["dim"])
+    data = FeatureData(uri=loc.uri, provenance=prov, layer=chosen, classes=classes, x={}, y={},
+                       split_source=source, files=[loc.to_uri(p) for p in parts])
+    for name in SPLITS:
+        mask = splits == name
+        data.x[name], data.y[name] = x[mask], labels[mask].astype(np.int64)
+    empty = [s for s in SPLITS if data.rows(s) == 0]
+    if empty:
+        raise FeatureError(f"split(s) {empty} are empty in {loc.uri}; add images or change train.*_fraction")
+    return data
+
+
+def to_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """fixed_size_list<float>[dim] → (N, dim) float32, without a Python loop."""
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def unit_hash(ids: list[str], seed: int) -> np.ndarray:
+    """A deterministic number in [0, 1) per id."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2**64 for i in ids]
+    )
+
+
+def assign_splits(table: pa.Table, labels: np.ndarray, *, val_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[np.ndarray, str]:
+    """The `split` column where it names train/val/test; otherwise a stratified hash split.
+
+    A split missing from the column (often val) is carved from train with the same hash rule.
+    """
+    given = np.array([s if s in SPLITS else "" for s in table["split"].to_pylist()], dtype=object)
+    u = unit_hash(table["image_id"].to_pylist(), seed)
+    if (given == "").all():
+        return stratified(u, labels, np.ones(len(u), bool), val_fraction, test_fraction), "hash"
+    out = given.copy()
+    unassigned = given == ""
+    if unassigned.any():
+        out[unassigned] = stratified(u, labels, unassigned, val_fraction, test_fraction)[unassigned]
+    carve = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if not (out == s).any()}
+    for split, fraction in carve.items():
+        pool = out == "train"
+        cut = stratified(u, labels, pool, fraction if split == "val" else 0.0, fraction if split == "test" else 0.0)
+        out[pool & (cut != "train")] = split
+    return out, "column" if not (unassigned.any() or carve) else "column+hash"
+
+
+def stratified(u: np.ndarray, labels: np.ndarray, pool: np.ndarray, val_fraction: float,
+               test_fraction: float) -> np.ndarray:
+    """Within each class of `pool`, the rows with the lowest hashes go to test, then val."""
+    out = np.full(len(u), "", dtype=object)
+    for c in np.unique(labels[pool]):
+        idx = np.flatnonzero(pool & (labels == c))
+        idx = idx[np.argsort(u[idx], kind="stable")]
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        out[idx[:n_test]] = "test"
+        out[idx[n_test : n_test + n_val]] = "val"
+        out[idx[n_test + n_val :]] = "train"
+    return out

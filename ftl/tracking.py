@@ -1,0 +1,224 @@
+"""MLflow: the only module that talks to it. Runs, params, metrics, lineage, models, registry."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+
+from ftl.config import TrackingConfig
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+# What the composed model imports (through the ftl code it carries).
+COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pyarrow", "safetensors", "fsspec",
+                         "ray", "pydantic", "pyyaml")
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or a model could not be found; the message says which."""
+
+
+def uri_of(cfg: TrackingConfig) -> str:
+    """The workflow's tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file here."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def setup(cfg: TrackingConfig, workflow: str) -> str:
+    """Point MLflow at the store and the workflow's experiment; returns the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri_of(cfg))
+    if cfg.system_metrics:
+        mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    try:
+        return mlflow.set_experiment(cfg.experiment or workflow).experiment_id
+    except Exception as e:
+        raise TrackingError(f"cannot use MLflow at {uri_of(cfg)}: {e}") from e
+
+
+def run_link(run_id: str) -> str:
+    """The run's URL on a server, or how to open a local store with `mlflow ui`."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{path}"
+
+
+@contextlib.contextmanager
+def start(cfg: TrackingConfig, *, name: str, stage: str, tags: dict | None = None) -> Iterator[str]:
+    """A run with system metrics; yields its id."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, tags={"ftl.stage": stage, **(tags or {})},
+                          log_system_metrics=cfg.system_metrics) as run:
+        yield run.info.run_id
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def log_params(params: dict) -> None:
+    import mlflow
+
+    mlflow.log_params({k: v[:6000] for k, v in flatten(params).items()})
+
+
+def log_metrics(metrics: dict, *, prefix: str = "", step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({prefix + k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_history(history: list[dict]) -> None:
+    """Per-epoch metrics, with the epoch as the step."""
+    for row in history:
+        log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_text(text: str, path: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, path)
+
+
+def log_file(path: str, folder: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(path, folder)
+
+
+def feature_dataset(uri: str, *, name: str, digest: str, rows: int | None = None):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": local paths match twice
+        source = resolve_dataset_source(uri)
+    return MetaDataset(source, name=name, digest=digest)
+
+
+def log_dataset(uri: str, *, name: str, digest: str, context: str, tags: dict | None = None) -> None:
+    """Lineage through mlflow.data: source URI and digest of the feature set."""
+    import mlflow
+
+    mlflow.log_input(feature_dataset(uri, name=name, digest=digest), context=context,
+                     tags={k: str(v) for k, v in (tags or {}).items()})
+
+
+def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) -> str:
+    """An extraction run of its own: counts, quarantined, images/s, output URI; the feature set as output."""
+    setup(cfg, workflow)
+    prov = result.provenance
+    tags = {"ftl.feature_set": prov["feature_set"], "ftl.features_uri": result.features_uri,
+            "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"]}
+    with start(cfg, name=f"extract-{prov['backbone']}", stage="extract", tags=tags) as run_id:
+        log_params({**params, "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"],
+                    "layers": ",".join(l["name"] for l in prov["layers"]), "output": result.output})
+        log_metrics({"listed": result.listed, "already_done": result.already_done, "extracted": result.ok,
+                     "quarantined": result.quarantined, "images_per_second": result.images_per_second,
+                     "seconds": result.seconds})
+        log_text(json.dumps(prov, indent=2, sort_keys=True), "provenance.json")
+        log_dataset(result.features_uri, name=f"features-{prov['feature_set']}", digest=prov["feature_set"],
+                    context="extracted")
+    return run_id
+
+
+def find_extraction(feature_set: str, features_uri: str) -> str | None:
+    """The latest extraction run that wrote this feature set to this place, if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`ftl.stage` = 'extract' and tags.`ftl.feature_set` = '{feature_set}' "
+                      f"and tags.`ftl.features_uri` = '{features_uri}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def requirements(*packages: str) -> list[str]:
+    """Pinned pip requirements of what we know the model imports; MLflow's guessing costs seconds."""
+    return [f"{p}=={importlib.metadata.version(p)}" for p in packages]
+
+
+def log_head(head, example: np.ndarray, *, name: str, registered: str | None):
+    """The head (probabilities out) as pt2: a torch.export graph, loadable without ftl's code."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        out = head(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        head, name=name, signature=infer_signature(example, out), input_example=example,
+        serialization_format="pt2", pip_requirements=requirements("torch"), registered_model_name=registered,
+    )
+
+
+def log_composed(folder: str, *, name: str, registered: str, classes: int):
+    """The image → class pyfunc, carrying ftl's code and the backbone weights."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    import ftl
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "uri", required=False)]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                        ColSpec(Array("double"), "probabilities")]),
+    )
+    return mlflow.pyfunc.log_model(
+        name=name, loader_module="ftl.pyfunc", data_path=folder, code_paths=[os.path.dirname(ftl.__file__)],
+        signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS), registered_model_name=registered,
+    )
+
+
+def tag_version(name: str, version: str, tags: dict) -> None:
+    """Tags on a registered model version: what it was built from."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def load_classifier(model_uri: str, *, tracking_uri: str | None = None):
+    """The composed model's ImageClassifier, from models:/name/version, runs:/ or a path."""
+    import mlflow.pyfunc
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri).get_raw_model()
+    except Exception as e:
+        raise TrackingError(f"cannot load model {model_uri} from {mlflow.get_tracking_uri()}: {e}") from e
+
+
+def current_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def temp_dir():
+    return tempfile.TemporaryDirectory(prefix="ftl-model-")
