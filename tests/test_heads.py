@@ -1,0 +1,60 @@
+"""Heads fitted with Ray Train on real Fashion-MNIST MobileNetV2 features: quality and worker counts."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ftl import evaluate, features, fit
+from ftl.config import TrainConfig
+
+C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_features) -> features.FeatureData:
+    return features.load(str(fmnist_features / "features"), layer="flatten", val_fraction=0.1, test_fraction=0.2)
+
+
+def accuracy(head, data, split="test") -> float:
+    return evaluate.metrics(evaluate.predict_proba(head, data.x[split]), data.y[split])["accuracy"]
+
+
+def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(data.x["train"])
+    xs = {s: scaler.transform(data.x[s]) for s in features.SPLITS}
+    scores = []
+    for c in C_GRID:
+        lr = LogisticRegression(C=c, max_iter=5000).fit(xs["train"], data.y["train"])
+        val = lr.predict_proba(xs["val"])
+        scores.append((lr.score(xs["val"], data.y["val"]), -log_loss(data.y["val"], val, labels=range(10)),
+                       lr.score(xs["test"], data.y["test"]), c))
+    sk_val, _, sk_test, sk_c = max(scores)
+
+    # The same objective: sklearn's C·Σ CE + ½‖W‖² is mean CE + ½·wd‖W‖² with wd = 1 / (C·n).
+    n = len(data.y["train"])
+    cfg = TrainConfig(optimizer="lbfgs", weight_decay=[1 / (c * n) for c in C_GRID], epochs=50, patience=50)
+    fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=str(tmp_path), run_name="lbfgs")
+    ours = accuracy(fitted.head, data)
+    assert ours >= sk_test - 0.005, (ours, sk_test, sk_c, fitted.best)
+    assert len(fitted.sweep) == len(C_GRID) and ours > 0.6
+    assert os.path.exists(os.path.join(fitted.checkpoint, "head.pt"))
+
+
+def test_two_workers_match_one(data, ray_runtime, tmp_path):
+    cfg = dict(head="mlp", hidden=[64], dropout=0.0, optimizer="adamw", epochs=30, batch_size=32, lr=3e-3,
+               weight_decay=1e-2, label_smoothing=0.1, class_weights="balanced", patience=30)
+    one = fit.fit(TrainConfig(**cfg, workers=1), data.x, data.y, classes=10, storage_path=str(tmp_path), run_name="w1")
+    two = fit.fit(TrainConfig(**cfg, workers=2), data.x, data.y, classes=10, storage_path=str(tmp_path), run_name="w2")
+    acc1, acc2 = accuracy(one.head, data), accuracy(two.head, data)
+    assert acc1 > 0.6 and abs(acc1 - acc2) <= 0.05, (acc1, acc2)
+    assert abs(one.best["val_loss"] - two.best["val_loss"]) <= 0.1 * one.best["val_loss"], (one.best, two.best)
+    assert (one.workers, two.workers) == (1, 2) and len(two.history) == 30
+    # Standardisation is baked into the head: raw features in, the train mean and std inside.
+    np.testing.assert_allclose(two.head.mean.numpy(), data.x["train"].mean(0), rtol=1e-4, atol=1e-5)
