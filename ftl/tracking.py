@@ -9,6 +9,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -37,8 +38,14 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
     if cfg.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
+    name = cfg.experiment or workflow
     try:
-        return mlflow.set_experiment(cfg.experiment or workflow).experiment_id
+        uri = uri_of(cfg)
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+            # Artifacts next to the database file, not in ./mlruns of whatever directory we run in.
+            folder = os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///")))
+            mlflow.create_experiment(name, artifact_location=Path(folder, "mlruns").as_uri())
+        return mlflow.set_experiment(name).experiment_id
     except Exception as e:
         raise TrackingError(f"cannot use MLflow at {uri_of(cfg)}: {e}") from e
 
