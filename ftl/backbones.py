@@ -50,9 +50,34 @@ def build(name: str) -> nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def node_names(name: str) -> tuple[str, ...]:
-    """Tap points: graph nodes of the eval-mode model (torchvision.models.feature_extraction)."""
+    """Graph nodes of the eval-mode model (torchvision.models.feature_extraction)."""
     _, nodes = get_graph_node_names(build(name))
     return tuple(n for n in nodes if n != "x")
+
+
+@functools.lru_cache(maxsize=None)
+def taps(name: str) -> dict[str, str]:
+    """Every tap point → the graph node it reads, in graph order.
+
+    Besides each node, a module path such as `layer3` or `features.14` taps the last node
+    inside that module, as torchvision's create_feature_extractor does.
+    """
+    nodes = node_names(name)
+    last_of = {}
+    for i, node in enumerate(nodes):
+        parts = node.split(".")
+        for k in range(1, len(parts)):
+            last_of[".".join(parts[:k])] = i
+    after = {}
+    for prefix, i in last_of.items():
+        if prefix not in nodes:
+            after.setdefault(i, []).append(prefix)
+    out = {}
+    for i, node in enumerate(nodes):
+        out[node] = node
+        for prefix in sorted(after.get(i, []), key=len, reverse=True):  # innermost module first
+            out[prefix] = node
+    return out
 
 
 def head_prefix(model: nn.Module) -> str:
@@ -66,15 +91,15 @@ def default_layer(name: str) -> str:
     if name in PENULTIMATE:
         return PENULTIMATE[name]
     prefix = head_prefix(build(name))
-    return [n for n in node_names(name) if not (n == prefix or n.startswith(prefix + "."))][-1]
+    return [n for n in taps(name) if not (n == prefix or n.startswith(prefix + "."))][-1]
 
 
 def stage_layers(name: str, count: int = 5) -> list[str]:
     """Evenly spaced layers from early to penultimate, for sweeps."""
     if name in STAGES:
         return STAGES[name]
-    nodes = list(node_names(name))
-    last = nodes.index(default_layer(name))
+    nodes = [t for t, node in taps(name).items() if t == node]
+    last = nodes.index(taps(name)[default_layer(name)])
     step = max(1, (last + 1) // count)
     picks = [nodes[i] for i in range(last, -1, -step)][:count]
     return picks[::-1]
@@ -83,13 +108,15 @@ def stage_layers(name: str, count: int = 5) -> list[str]:
 def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") -> list[str]:
     """Layers to tap (the penultimate when none are given); unknown names are an error."""
     check_name(name)
-    valid = node_names(name)
+    valid = taps(name)
     for i, layer in enumerate(layers):
         if layer not in valid:
-            close = [v for v in valid if layer.split(".")[0] in v][:12] or list(valid[:12])
+            # Top-level modules first, then names sharing the unknown one's prefix.
+            top = [v for v in valid if "." not in v]
+            close = [v for v in valid if "." in v and v.startswith(layer.rsplit(".", 1)[0] + ".")][:8]
             raise LayerError(
-                f"{path}[{i}]: unknown layer {layer!r} for {name}; valid: {', '.join(close)}, ... "
-                f"(see: ftl layers {name})"
+                f"{path}[{i}]: unknown layer {layer!r} for {name}; valid: {', '.join(top + close)}, "
+                f"... ({len(valid)} in all; see: ftl layers {name})"
             )
     if len(set(layers)) != len(layers):
         raise LayerError(f"{path}: lists a layer twice: {layers}")
@@ -143,11 +170,12 @@ def layer_shapes(name: str, size: int | None = None) -> dict[str, tuple[int, ...
     size = size or preprocess_defaults(name)["crop"]
     body = create_feature_extractor(model, return_nodes=list(node_names(name)))
     with torch.inference_mode():
-        outs = body(torch.zeros(1, 3, size, size))
+        outs = body(torch.zeros(2, 3, size, size))
+    # A batch of 2 tells activations (leading dim 2) from parameters read inside forward.
     return {
-        n: tuple(v.shape)
-        for n, v in outs.items()
-        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.is_floating_point()
+        tap: tuple(outs[node].shape)
+        for tap, node in taps(name).items()
+        if isinstance(v := outs[node], torch.Tensor) and v.ndim >= 2 and v.shape[0] == 2 and v.is_floating_point()
     }
 
 
@@ -164,7 +192,13 @@ def tap_points(name: str) -> list[tuple[str, tuple[int, ...]]]:
     return list(layer_shapes(name).items())
 
 
-def preprocess_defaults(name: str) -> dict:
-    """Resize, crop, mean and std that torchvision's DEFAULT weights for this model prescribe."""
-    t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+def preprocess_defaults(name: str, weights_enum: str | None = None) -> dict:
+    """Resize, crop, mean and std that a torchvision weights enum prescribes.
+
+    Without one (weights files, shipped sets), the model's first ImageNet recipe applies:
+    the classic resize-256/crop-224 for most models, 342/299 for inception_v3.
+    """
+    options = torchvision.models.get_model_weights(name)
+    chosen = options[weights_enum.split(".")[-1]] if weights_enum else next(iter(options))
+    t = chosen.transforms()
     return {"resize": t.resize_size[0], "crop": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std)}

@@ -53,7 +53,9 @@ class ExtractConfig(Strict):
     feature_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = Field(default=64, ge=1)
     decode_batch_size: int = Field(default=64, ge=1)
-    decode_cpus: float = Field(default=1.0, gt=0, description="CPU reserved per decode task")
+    # Decode tasks must ask for other resources than the actors: Ray fuses a task stage into
+    # an actor stage with identical asks, and decoding would then run serially in the actor.
+    decode_cpus: float = Field(default=0.5, gt=0, description="CPU reserved per decode task")
     actors: int = Field(default=1, ge=1, description="backbone actors in the pool")
     actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
     torch_threads: int | None = Field(default=None, ge=1)

@@ -61,8 +61,9 @@ class ExtractResult:
         return d
 
 
-def resolve_preprocess(cfg: ExtractConfig) -> decode.Preprocess:
-    base = backbones.preprocess_defaults(cfg.backbone)
+def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> decode.Preprocess:
+    """What the weights prescribe, with the workflow's overrides on top."""
+    base = backbones.preprocess_defaults(cfg.backbone, ref.id if ref.kind == "enum" else None)
     over = {k: v for k, v in cfg.preprocess.model_dump().items() if v is not None}
     merged = {**base, **over}
     if "resize" in over and "crop" not in over:
@@ -74,8 +75,8 @@ def plan(wf: Workflow) -> tuple[ModelSpec, dict, decode.Preprocess]:
     """Validate layers and resolve weights on the driver, before any Ray work starts."""
     cfg = wf.extract
     layers = backbones.check_layers(cfg.backbone, cfg.layers)
-    pre = resolve_preprocess(cfg)
     ref = weights.resolve(cfg.backbone, cfg.weights, storage_options=wf.storage.options)
+    pre = resolve_preprocess(cfg, ref)
     dims = backbones.layer_dims(cfg.backbone, layers, pooling=cfg.pooling, size=pre.crop)
     prov = schema.provenance(
         backbone=cfg.backbone,
@@ -171,8 +172,8 @@ def pipeline(todo: pa.Table, spec: ModelSpec, prov: dict, pre: decode.Preprocess
 
     from ftl.embed import pick_device
 
-    # Blocks of a few decode batches each let decode tasks run in parallel and stream.
-    rows = cfg.decode_batch_size * 4
+    # One decode batch per block, so that decoding streams into the model from the first batch.
+    rows = cfg.decode_batch_size
     blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
     device = "cuda" if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     ds = ray.data.from_arrow(blocks)

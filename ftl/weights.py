@@ -38,6 +38,9 @@ SHIPPED = {
 }
 
 
+RANDOM_SEED = 0
+
+
 @dataclass(frozen=True)
 class WeightsRef:
     """Where a backbone's weights come from, resolved once on the driver."""
@@ -58,7 +61,7 @@ class WeightsError(ValueError):
 def resolve(backbone: str, weights: str, *, storage_options: dict[str, Any] | None = None) -> WeightsRef:
     """Turn `extract.weights` into a reference with a sha256, downloading enum weights if needed."""
     if weights == "random":
-        return WeightsRef("random", "random", None, None)
+        return WeightsRef("random", f"random-seed{RANDOM_SEED}", None, None)
     if weights in SHIPPED:
         path = shipped_path(backbone, weights)
         return WeightsRef("shipped", weights, path, sha256_file(storage.locate(path)))
@@ -114,7 +117,10 @@ def sha256_file(loc: storage.Location) -> str:
 
 def load(backbone: str, ref: WeightsRef, *, storage_options: dict[str, Any] | None = None) -> nn.Module:
     """The backbone with its weights, frozen and in eval mode."""
-    model = backbones.build(backbone)
+    # Seeded, so that every actor of a pool (and every rerun) gets the same random backbone.
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_SEED)
+        model = backbones.build(backbone)
     if ref.kind == "enum":
         state = torch.load(ref.uri, map_location="cpu", weights_only=True)
         if backbone == "inception_v3":  # torchvision's inception weights expect this input transform

@@ -1,0 +1,78 @@
+"""Workflow validation: every error names its exact path and the valid choices."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ftl import config
+from ftl.cli import main
+from tests.conftest import write_workflow
+
+BASE = {"source": {"uri": "data"}, "extract": {"output": "out"}}
+
+
+def load(tmp_path, overrides=(), **sections):
+    path = write_workflow(tmp_path / "wf.yaml", **{**BASE, **sections})
+    return config.load_workflow(path, list(overrides))
+
+
+def test_defaults_fill_in(tmp_path):
+    wf = load(tmp_path)
+    assert wf.extract.backbone == "mobilenet_v2" and wf.extract.pooling == "avg" and wf.extract.layers == []
+
+
+def test_unknown_key_names_path_and_valid_keys(tmp_path):
+    with pytest.raises(config.WorkflowError) as e:
+        load(tmp_path, extract={"output": "out", "batchsize": 3})
+    msg = str(e.value)
+    assert "extract.batchsize: unknown key" in msg
+    assert "batch_size" in msg and "pooling" in msg
+
+
+def test_bad_value_names_list_index_and_choices(tmp_path):
+    with pytest.raises(config.WorkflowError) as e:
+        load(tmp_path, extract={"output": "out", "layers": ["flatten", ["nested"]], "pooling": "mean"})
+    msg = str(e.value)
+    assert "extract.layers[1]:" in msg
+    assert "extract.pooling:" in msg and "'avg', 'max' or 'avgmax'" in msg
+
+
+def test_missing_required_key(tmp_path):
+    path = write_workflow(tmp_path / "wf.yaml", source={"uri": "x"}, extract={})
+    with pytest.raises(config.WorkflowError, match=r"extract\.output: required key is missing"):
+        config.load_workflow(path)
+
+
+def test_set_overrides_any_key_and_parses_yaml_values(tmp_path):
+    wf = load(tmp_path, ["extract.batch_size=7", "extract.layers=[features.14, flatten]",
+                         "extract.preprocess.crop=96", "storage.options.endpoint_url=http://x"])
+    assert wf.extract.batch_size == 7
+    assert wf.extract.layers == ["features.14", "flatten"]
+    assert wf.extract.preprocess.crop == 96
+    assert wf.storage.options == {"endpoint_url": "http://x"}
+
+
+def test_set_override_is_validated(tmp_path):
+    with pytest.raises(config.WorkflowError, match=r"extract\.batch_size"):
+        load(tmp_path, ["extract.batch_size=-1"])
+    with pytest.raises(config.WorkflowError, match="key.path=value"):
+        load(tmp_path, ["extract.batch_size"])
+
+
+def test_show_prints_resolved_workflow_with_secrets_masked(tmp_path, capsys):
+    path = write_workflow(tmp_path / "wf.yaml", **BASE, storage={"options": {"key": "AKIA123", "secret": "s3cr3t"}})
+    assert main(["show", str(path), "--set", "extract.batch_size=5"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
+    assert resolved["extract"]["batch_size"] == 5
+    assert resolved["extract"]["max_error_fraction"] == 0.05  # defaults are shown
+    assert "AKIA123" not in out and "s3cr3t" not in out
+    assert resolved["storage"]["options"] == {"key": "***", "secret": "***"}
+
+
+def test_cli_reports_config_errors_with_exit_code(tmp_path, capsys):
+    path = write_workflow(tmp_path / "wf.yaml", **BASE, extrakt={})
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "extrakt: unknown key" in err and "extract" in err
