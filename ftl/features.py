@@ -121,10 +121,8 @@ def unit_hash(ids: list[str], seed: int) -> np.ndarray:
 
 def assign_splits(table: pa.Table, labels: np.ndarray, *, val_fraction: float, test_fraction: float,
                   seed: int) -> tuple[np.ndarray, str]:
-    """The `split` column where it names train/val/test; otherwise a stratified hash split.
-
-    A split missing from the column (often val) is carved from train with the same hash rule.
-    """
+    """The `split` column where it names train/val/test; otherwise a stratified hash split."""
+    # A split missing from the column (often val) is carved from train with the same hash rule.
     given = np.array([s if s in SPLITS else "" for s in table["split"].to_pylist()], dtype=object)
     u = unit_hash(table["image_id"].to_pylist(), seed)
     if (given == "").all():

@@ -155,11 +155,9 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
 
 
 def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, n_global: int):
-    """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol).
-
-    Loss and gradients are summed over all workers by hand, so every worker takes the
-    same line-search steps and the parameters stay identical.
-    """
+    """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol)."""
+    # Loss and gradients are summed over all workers by hand (not DDP), so every worker
+    # takes the same line-search steps and the parameters stay identical.
     world = ray_world()
     opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=LBFGS_ITERS, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)

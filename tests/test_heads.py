@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from ftl import evaluate, features, fit
+from ftl import evaluate, features, fit, storage
 from ftl.config import TrainConfig
+from tests.conftest import BUCKET
 
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 
@@ -22,7 +21,7 @@ def accuracy(head, data, split="test") -> float:
     return evaluate.metrics(evaluate.predict_proba(head, data.x[split]), data.y[split])["accuracy"]
 
 
-def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime, tmp_path):
+def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime, s3_server):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
@@ -40,11 +39,15 @@ def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime
     # The same objective: sklearn's C·Σ CE + ½‖W‖² is mean CE + ½·wd‖W‖² with wd = 1 / (C·n).
     n = len(data.y["train"])
     cfg = TrainConfig(optimizer="lbfgs", weight_decay=[1 / (c * n) for c in C_GRID], epochs=50, patience=50)
-    fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=str(tmp_path), run_name="lbfgs")
+    # Checkpoints go to S3 (the moto server), through Ray Train's storage_filesystem.
+    fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=f"s3://{BUCKET}/checkpoints",
+                     run_name="lbfgs")
     ours = accuracy(fitted.head, data)
     assert ours >= sk_test - 0.005, (ours, sk_test, sk_c, fitted.best)
     assert len(fitted.sweep) == len(C_GRID) and ours > 0.6
-    assert os.path.exists(os.path.join(fitted.checkpoint, "head.pt"))
+    assert fitted.checkpoint.startswith(f"s3://{BUCKET}/checkpoints/lbfgs/")
+    loc = storage.locate(fitted.checkpoint)
+    assert loc.fs.exists(f"{loc.path}/head.pt")
 
 
 def test_two_workers_match_one(data, ray_runtime, tmp_path):

@@ -22,6 +22,9 @@ import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 uris = sorted(str(p) for p in pathlib.Path(sys.argv[2]).rglob("*.png"))
 out = model.predict(pd.DataFrame({"uri": uris}))
+as_bytes = model.predict(pd.DataFrame({"image": [open(u, "rb").read() for u in uris[:8]]}))
+assert list(as_bytes["label"]) == list(out["label"][:8]), (as_bytes, out)
+assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"]) and (out["probability"] > 0).all()
 json.dump(dict(zip(uris, out["label"])), open(sys.argv[3], "w"))
 """
 

@@ -1,0 +1,35 @@
+"""Where runs go: the tracking URI's precedence and the embedded SQLite store (no server needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftl import tracking
+from ftl.config import TrackingConfig
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.uri_of(TrackingConfig()) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.uri_of(TrackingConfig()) == "http://127.0.0.1:1"
+    assert tracking.uri_of(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_embedded_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    saved = mlflow.get_tracking_uri()
+    try:
+        cfg = TrackingConfig(system_metrics=False)
+        tracking.setup(cfg, "local")
+        with tracking.start(cfg, name="r", stage="train") as run_id:
+            tracking.log_text("hello", "note.txt")
+        assert (tmp_path / "mlflow.db").exists()
+        assert list(Path(tmp_path, "mlruns").rglob("note.txt"))
+        assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in tracking.run_link(run_id)
+        assert mlflow.get_experiment_by_name("local").artifact_location.startswith(Path(tmp_path).as_uri())
+    finally:
+        mlflow.set_tracking_uri(saved)
