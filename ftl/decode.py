@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,9 +60,9 @@ def decode_one(data: bytes, pre: Preprocess, *, max_pixels: int) -> tuple[np.nda
     """Bytes → (crop, crop, 3) uint8 plus the original width and height (after EXIF rotation)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+    # ftl enforces extract.max_image_pixels itself, from the header, before any pixel is decoded.
+    Image.MAX_IMAGE_PIXELS = None
+    img = Image.open(io.BytesIO(data))
     width, height = img.size
     if width * height > max_pixels:
         raise TooLarge(f"{width}x{height} pixels exceeds extract.max_image_pixels={max_pixels}")

@@ -1,0 +1,122 @@
+"""Bad input: odd images decode to correct RGB, broken ones are quarantined, nothing is lost."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ftl import config, decode, extract
+from ftl.cli import main
+from tests.conftest import write_workflow
+
+PRE = decode.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def odd_images() -> dict[str, bytes]:
+    """Decodable but unusual: each must come out as correct 8-bit RGB."""
+    rotated = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    palette = Image.new("P", (30, 30), 0)
+    palette.putpalette([0, 0, 255] + [0, 0, 0] * 255)
+    return {
+        "gray.jpg": jpeg(Image.new("L", (30, 30), 77)),
+        "cmyk.jpg": jpeg(Image.new("CMYK", (30, 30), (0, 255, 255, 0))),  # pure red in CMYK
+        "deep16.png": png(Image.fromarray(np.full((30, 30), 0x8080, dtype=np.uint16))),
+        "palette_alpha.png": png(palette, transparency=0),  # index 0 is fully transparent
+        "exif_rotated.jpg": jpeg(rotated, exif=exif),
+    }
+
+
+def broken_images() -> dict[str, str]:
+    """Undecodable, with the words the quarantine reason must contain."""
+    return {"truncated.jpg": "runcated", "empty.jpg": "empty file", "notes.png": "cannot identify",
+            "bomb.png": "max_image_pixels"}
+
+
+def write_corpus(root) -> None:
+    good = root / "good"
+    good.mkdir(parents=True)
+    for name, data in odd_images().items():
+        (good / name).write_bytes(data)
+    for i in range(6):
+        (good / f"plain{i}.png").write_bytes(png(Image.new("RGB", (28, 28), (i * 40, 100, 50))))
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "truncated.jpg").write_bytes(jpeg(Image.effect_noise((64, 64), 50).convert("RGB"))[:600])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.png").write_text("this is a text file, not an image\n")
+    # 12000 x 12000 = 144M pixels: over the default 89M-pixel limit, yet a small file.
+    (bad / "bomb.png").write_bytes(png(Image.new("1", (12000, 12000), 0), optimize=True))
+
+
+def test_odd_images_become_correct_rgb():
+    images = odd_images()
+    pixels = {n: decode.decode_one(b, PRE, max_pixels=10**8) for n, b in images.items()}
+    for name, (arr, _, _) in pixels.items():
+        assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8, name
+    assert (pixels["gray.jpg"][0] == 77).all() or abs(int(pixels["gray.jpg"][0].mean()) - 77) <= 1
+    r, g, b = pixels["cmyk.jpg"][0].reshape(-1, 3).mean(0)
+    assert r > 200 and g < 40 and b < 40
+    assert abs(int(pixels["deep16.png"][0].mean()) - 128) <= 1  # 16-bit 0x8080 scales to 8-bit 128
+    assert (pixels["palette_alpha.png"][0] == 255).all()  # transparent composited on white
+    assert pixels["exif_rotated.jpg"][1:] == (20, 40)  # width, height as displayed
+
+
+def test_bomb_is_refused_before_decoding():
+    with pytest.raises(decode.TooLarge, match="exceeds extract.max_image_pixels=1000"):
+        decode.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
+
+
+def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys):
+    write_corpus(tmp_path / "corpus")
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
+                        extract={"output": str(tmp_path / "out"), "weights": "random",
+                                 "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": 0.5})
+    assert main(["extract", str(wf)]) == 0
+    assert "listed 15 = 0 already done + 11 extracted + 4 quarantined" in capsys.readouterr().out
+
+    feats = pd.read_parquet(tmp_path / "out" / "features")
+    quarantine = pd.read_parquet(tmp_path / "out" / "quarantine")
+    assert sorted(feats["uri"].str.split("/").str[-1]) == sorted([*odd_images(), *(f"plain{i}.png" for i in range(6))])
+    assert set(feats["label"]) == {"good"} and set(quarantine["label"]) == {"bad"}
+    reasons = dict(zip(quarantine["uri"].str.split("/").str[-1], quarantine["error"]))
+    assert set(reasons) == set(broken_images())
+    for name, words in broken_images().items():
+        assert words in reasons[name], (name, reasons[name])
+    assert set(quarantine["stage"]) == {"decode"}
+    assert not set(feats["image_id"]) & set(quarantine["image_id"])
+    rotated = feats[feats["uri"].str.endswith("exif_rotated.jpg")].iloc[0]
+    assert (rotated["width"], rotated["height"]) == (20, 40)
+
+    # A rerun retries nothing: quarantined images are accounted for as done.
+    again = extract.run(config.load_workflow(wf))
+    assert (again.already_done, again.ok, again.quarantined) == (15, 0, 0)
+
+
+def test_max_error_fraction_fails_after_writing_quarantine(tmp_path, ray_runtime, capsys):
+    write_corpus(tmp_path / "corpus")
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
+                        extract={"output": str(tmp_path / "out"), "weights": "random",
+                                 "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": 0.2})
+    assert main(["extract", str(wf)]) == 2
+    err = capsys.readouterr().err
+    assert "4 of 15 images were quarantined, over extract.max_error_fraction=0.2" in err
+    assert len(pd.read_parquet(tmp_path / "out" / "quarantine")) == 4
+    assert len(pd.read_parquet(tmp_path / "out" / "features")) == 11
