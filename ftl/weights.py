@@ -150,7 +150,10 @@ def read_state_dict(uri: str, storage_options: dict[str, Any] | None) -> dict[st
 
 def load_file_into(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
     """Strict load, except that a file without the classifier head is accepted."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"weights file {uri} does not fit {type(model).__name__}: {e}") from None
     head = backbones.head_prefix(model)
     missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
     if missing or result.unexpected_keys:
