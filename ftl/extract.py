@@ -128,9 +128,9 @@ def actor_resources(cfg: ExtractConfig, device: str) -> dict:
     if device == "cuda":
         return {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
     cpus = ray.cluster_resources().get("CPU", 1)
-    # On a small machine one actor takes what the readers do not need; on 2 cores,
-    # two actors at num_cpus=1 would leave no CPU for decoding and stall the pipeline.
-    return {"num_cpus": cfg.actor_cpus or max(0.5, min(1.0, cpus - 1) if cpus <= 2 else 1.0)}
+    # Torch in the actor uses all cores regardless (see Embedder); the ask only has to leave
+    # room for decode tasks: on 2 cores, two actors at num_cpus=1 would starve decoding.
+    return {"num_cpus": cfg.actor_cpus or min(1.0, max(0.1, (cpus - cfg.decode_cpus) / cfg.actors))}
 
 
 def run(wf: Workflow) -> ExtractResult:
