@@ -94,7 +94,7 @@ def train_loop(config: dict) -> dict:
         torch.manual_seed(cfg.seed)
         head = heads.build(config["head"], config["initial"]).to(device)
         fitter = fit_lbfgs if cfg.optimizer == "lbfgs" else fit_adamw
-        history, best_state = fitter(cfg, head, x[:n], y[:n], xv, yv, weight=weight, wd=wd, n_global=config["n"])
+        history, best_state = fitter(cfg, head, x[:n], y[:n], xv, yv, weight=weight, wd=wd)
         best = min(history, key=lambda h: h["val_loss"])
         results.append({"weight_decay": wd, "history": history, "best": best, "state": best_state})
     # The sweep keeps the best val accuracy; early stopping within a fit follows val loss.
@@ -111,7 +111,7 @@ def train_loop(config: dict) -> dict:
     }
 
 
-def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, n_global: int):
+def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
     """Minibatch AdamW, cosine schedule, early stopping on val loss; DDP across workers."""
     import ray.train.torch
 
@@ -151,10 +151,10 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
             waited += 1
             if waited >= cfg.patience:
                 break
-    return history, best_state
+    return history, best_state or copy.deepcopy(head.state_dict())  # None only if val loss was never finite
 
 
-def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, n_global: int):
+def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
     """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol)."""
     # Loss and gradients are summed over all workers by hand (not DDP), so every worker
     # takes the same line-search steps and the parameters stay identical.
@@ -194,7 +194,7 @@ def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
                 break
         if opt.state[next(head.parameters())].get("n_iter", 0) < (epoch + 1) * LBFGS_ITERS:
             break  # converged: L-BFGS stopped before its iteration budget
-    return history, best_state
+    return history, best_state or copy.deepcopy(head.state_dict())  # None only if val loss was never finite
 
 
 def ray_world() -> int:
@@ -224,7 +224,7 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(mode="json"), "head": head_config, "initial": initial,
-                           "class_weights": None if weights is None else weights.tolist(), "n": len(y["train"])},
+                           "class_weights": None if weights is None else weights.tolist()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(

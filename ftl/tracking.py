@@ -135,6 +135,10 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
     """An extraction run of its own: counts, quarantined, images/s, output URI; the feature set as output."""
     setup(cfg, workflow)
     prov = result.provenance
+    if result.ok == 0 and result.quarantined == 0:  # nothing new: the earlier extraction run stands
+        earlier = find_extraction(prov["feature_set"], result.features_uri)
+        if earlier:
+            return earlier
     tags = {"ftl.feature_set": prov["feature_set"], "ftl.features_uri": result.features_uri,
             "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"]}
     with start(cfg, name=f"extract-{prov['backbone']}", stage="extract", tags=tags) as run_id:
@@ -159,6 +163,24 @@ def find_extraction(feature_set: str, features_uri: str) -> str | None:
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
     )
     return runs[0].info.run_id if runs else None
+
+
+def find_training(key: str):
+    """A finished training run with this key (same features, train config and model name), if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`ftl.stage` = 'train' and tags.`ftl.train_key` = '{key}' and "
+                      f"attributes.status = 'FINISHED' and tags.`ftl.model` != ''",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def set_tags(tags: dict) -> None:
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def requirements(*packages: str) -> list[str]:

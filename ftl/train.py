@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -81,10 +83,15 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     extraction_run = extraction_run or tracking.find_extraction(prov["feature_set"], data.uri)
     registered = wf.tracking.registered_model or wf.name
     rows = {s: data.rows(s) for s in features.SPLITS}
+    key = train_key(wf, data, registered)
+    previous = tracking.find_training(key)
+    if previous is not None:  # the same head on the same features is already trained and registered
+        return from_run(previous, started)
     lineage = {"ftl.backbone": prov["backbone"], "ftl.layer": layer["name"], "ftl.feature_set": prov["feature_set"],
                "ftl.weights_sha256": prov["weights"]["sha256"], "ftl.extraction_run": extraction_run or ""}
+    run_tags = {**lineage, "ftl.train_key": key, "ftl.model": ""}
     ensure_ray()
-    with tracking.start(wf.tracking, name=f"train-{cfg.head}-{layer['name']}", stage="train", tags=lineage) as run_id:
+    with tracking.start(wf.tracking, name=f"train-{cfg.head}-{layer['name']}", stage="train", tags=run_tags) as run_id:
         tracking.log_params({
             **config.mask_secrets(wf.model_dump(mode="json")),
             "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"], "layer": layer["name"],
@@ -107,9 +114,31 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
                              model=None, head_model="", checkpoint=fitted.checkpoint, seconds=0.0,
                              extraction_run=extraction_run)
         log_models(result, fitted.head, backbone, data, registered=registered, tags={**lineage, "ftl.train_run": run_id})
+        tracking.set_tags({"ftl.model": result.model or result.head_model, "ftl.head_model": result.head_model,
+                           "ftl.image_model": result.model or "", "ftl.checkpoint": result.checkpoint})
     result.seconds = time.perf_counter() - started
     result.link = tracking.run_link(run_id)
     return result
+
+
+def train_key(wf: Workflow, data: features.FeatureData, registered: str) -> str:
+    """Same features, same train section, same model name: same key, and a rerun does nothing."""
+    what = {"features": data.digest, "layer": data.layer["name"], "train": wf.train.model_dump(mode="json"),
+            "model": registered}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_run(run, started: float) -> TrainResult:
+    """The result of an earlier, identical training run."""
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    return TrainResult(
+        run_id=run.info.run_id, link=tracking.run_link(run.info.run_id), layer=p["layer"],
+        rows={s: int(p[f"rows.{s}"]) for s in features.SPLITS}, metrics=m,
+        best={"epoch": int(m["best_epoch"]), "weight_decay": m["best_weight_decay"]},
+        model=t.get("ftl.image_model") or None, head_model=t["ftl.head_model"], checkpoint=t["ftl.checkpoint"],
+        seconds=time.perf_counter() - started, extraction_run=t.get("ftl.extraction_run") or None,
+        notes=["already trained: the same features and train section; nothing to do (change train.* to retrain)"],
+    )
 
 
 def log_evaluation(head, data: features.FeatureData) -> dict[str, float]:

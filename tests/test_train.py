@@ -94,6 +94,12 @@ def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlfl
         assert tags["ftl.backbone"] == "mobilenet_v2" and tags["ftl.layer"] == "flatten"
         assert tags["ftl.weights_sha256"] == sha and tags["ftl.extraction_run"] == ext.info.run_id
 
+    # A rerun finds nothing new to extract and the same head already trained: no new runs or versions.
+    assert main(["run", str(wf)]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    assert [v.version for v in client.search_model_versions("name = 'fmnist-e2e'")] == ["1"]
+
     # The registered image model, in a fresh process, scores the held-out images as it logged.
     got = tmp_path / "fresh.json"
     subprocess.run([sys.executable, "-c", SCRIPT, "models:/fmnist-e2e/1", str(fmnist / "test"), str(got)],
