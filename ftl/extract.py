@@ -14,9 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ftl import backbones, decode, schema, sources, storage, weights
+from ftl import backbones, decode, incremental, schema, sources, storage, weights
 from ftl.config import ExtractConfig, Workflow
 from ftl.embed import Embedder, ModelSpec
 from ftl.sink import FEATURES, QUARANTINE, FeatureSink
@@ -40,19 +39,26 @@ class ExtractResult:
     quarantine_uri: str
     feature_set: str
     provenance: dict = field(repr=False)
+    superseded: int = 0  # old rows of images that changed since they were extracted
+    gone: int = 0  # rows of images no longer in the source (kept, not deleted)
 
     @property
     def images_per_second(self) -> float:
         return (self.ok + self.quarantined) / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
-        return (
+        lines = [
             f"listed {self.listed} = {self.already_done} already done + {self.ok} extracted + "
-            f"{self.quarantined} quarantined, in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)\n"
-            f"features:   {self.features_uri}\nquarantine: {self.quarantine_uri}\n"
-            f"feature set {self.feature_set}: {self.provenance['backbone']} "
-            f"{[l['name'] for l in self.provenance['layers']]}"
-        )
+            f"{self.quarantined} quarantined, in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
+        ]
+        if self.superseded:
+            lines.append(f"changed since last run: {self.superseded} (old rows replaced)")
+        if self.gone:
+            lines.append(f"gone from the source: {self.gone} (rows kept in the output)")
+        lines += [f"features:   {self.features_uri}", f"quarantine: {self.quarantine_uri}",
+                  f"feature set {self.feature_set}: {self.provenance['backbone']} "
+                  f"{[l['name'] for l in self.provenance['layers']]}"]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,17 +116,6 @@ def claim_output(out: storage.Location, prov: dict) -> None:
         f.write(json.dumps(prov, indent=2, sort_keys=True).encode())
 
 
-def done_ids(out: storage.Location) -> pa.Array:
-    """image_id of every image already in features or quarantine (only that column is read)."""
-    parts = [storage.read_parquet(out.join(d), columns=["image_id"]) for d in (FEATURES, QUARANTINE)]
-    parts = [p["image_id"].combine_chunks() for p in parts if p is not None]
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-
-
-def pending(listing: pa.Table, done: pa.Array) -> pa.Table:
-    return listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
-
-
 def actor_resources(cfg: ExtractConfig, device: str) -> dict:
     """CPU and GPU asks for each actor, leaving CPU for the decode tasks."""
     import ray
@@ -143,11 +138,13 @@ def run(wf: Workflow) -> ExtractResult:
     out = storage.locate(cfg.output, wf.storage.options)
     claim_output(out, prov)
     listing = sources.list_images(wf.source, storage_options=wf.storage.options)
-    todo = pending(listing, done_ids(out))
+    work = incremental.diff(listing, out, (FEATURES, QUARANTINE))
+    incremental.supersede(out, work.superseded)
+    todo = work.todo
     result = ExtractResult(
-        listed=listing.num_rows, already_done=listing.num_rows - todo.num_rows, ok=0, quarantined=0, seconds=0.0,
+        listed=listing.num_rows, already_done=work.already_done, ok=0, quarantined=0, seconds=0.0,
         output=out.uri, features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
-        feature_set=prov["feature_set"], provenance=prov,
+        feature_set=prov["feature_set"], provenance=prov, superseded=work.superseded_rows, gone=work.gone,
     )
     if todo.num_rows:
         ensure_ray()

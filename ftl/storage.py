@@ -80,24 +80,31 @@ def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
-def write_table_atomic(table: pa.Table, loc: Location, name: str) -> str:
-    """Write Parquet to a staging name, then rename, so readers never see half a file."""
-    loc.fs.makedirs(loc.path, exist_ok=True)
-    final = posixpath.join(loc.path, name)
-    tmp = posixpath.join(loc.path, f"_tmp.{uuid.uuid4().hex}.{name}")
-    with loc.fs.open(tmp, "wb") as f:
+def stage_table(table: pa.Table, root: Location) -> str:
+    """Write Parquet under `<root>/_staging/`, where no reader of the output looks."""
+    staging = root.join("_staging")
+    staging.fs.makedirs(staging.path, exist_ok=True)
+    path = posixpath.join(staging.path, f"{uuid.uuid4().hex}.parquet")
+    with root.fs.open(path, "wb") as f:
         pq.write_table(table, f, compression="zstd")
-    loc.fs.mv(tmp, final)
+    return path
+
+
+def write_table_atomic(table: pa.Table, folder: Location, name: str) -> str:
+    """Stage beside `folder`, then rename into it, so readers never see half a file."""
+    root = Location(folder.fs, posixpath.dirname(folder.path), folder.scheme)
+    staged = stage_table(table, root)
+    folder.fs.makedirs(folder.path, exist_ok=True)
+    final = posixpath.join(folder.path, name)
+    folder.fs.mv(staged, final)
     return final
 
 
 def list_parquet(loc: Location) -> list[str]:
-    """Committed Parquet parts under a folder (staging names start with '_')."""
+    """Committed Parquet parts under a folder."""
     if not loc.fs.exists(loc.path):
         return []
-    return sorted(
-        p for p in loc.fs.find(loc.path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("_")
-    )
+    return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
 
 
 def read_parquet(loc: Location, *, columns: list[str] | None = None) -> pa.Table | None:

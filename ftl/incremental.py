@@ -1,0 +1,102 @@
+"""What a run still has to do: the listing against what the output already holds.
+
+The done ids are never collected into one set. The listing (which the driver holds anyway)
+becomes a sorted array of 16-byte ids; the id and uri columns of every committed part are
+streamed against it in batches. Driver memory beyond the listing: 16 bytes per listed image
+plus one batch, whatever the size of the output.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ftl import storage
+
+BATCH_ROWS = 65_536
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+@dataclass
+class Diff:
+    todo: pa.Table
+    already_done: int
+    superseded: dict[str, set[str]] = field(default_factory=dict)  # part path → stale image ids
+    gone: int = 0  # rows whose image no longer is in the source: reported, never deleted
+
+    @property
+    def superseded_rows(self) -> int:
+        return sum(len(ids) for ids in self.superseded.values())
+
+
+def id_bytes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """32-char hex image ids → (N,) array of 16-byte keys (numpy sorts and searches these)."""
+    raw = np.asarray(pc.cast(ids, pa.string()).to_numpy(zero_copy_only=False), dtype="S32")
+    nibbles = _HEX[raw.view(np.uint8).reshape(-1, 32)]
+    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).copy().view("S16").ravel()
+
+
+class Membership:
+    """Which listed ids a stream of done ids covers, via binary search in the sorted listing."""
+
+    def __init__(self, listing_ids: pa.ChunkedArray):
+        keys = id_bytes(listing_ids)
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+        self.found = np.zeros(len(keys), dtype=bool)
+
+    def mark(self, ids: pa.Array) -> np.ndarray:
+        """Mark listed ids seen in `ids`; returns which of `ids` are listed at all."""
+        keys = id_bytes(ids)
+        pos = np.searchsorted(self.sorted, keys).clip(max=max(len(self.sorted) - 1, 0))
+        hit = self.sorted[pos] == keys if len(self.sorted) else np.zeros(len(keys), bool)
+        self.found[self.order[pos[hit]]] = True
+        return hit
+
+
+def diff(listing: pa.Table, out: storage.Location, folders: tuple[str, ...]) -> Diff:
+    """Pending images, plus rows to supersede (their image changed) and rows whose image is gone."""
+    member = Membership(listing["image_id"])
+    stale: dict[str, list[pa.Table]] = {}
+    for folder in folders:
+        for part in storage.list_parquet(out.join(folder)):
+            with out.fs.open(part, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(BATCH_ROWS, columns=["image_id", "uri"]):
+                    listed = member.mark(batch.column("image_id"))
+                    if not listed.all():
+                        stale.setdefault(part, []).append(pa.Table.from_batches([batch]).filter(pa.array(~listed)))
+    todo = listing.filter(pa.array(~member.found))
+    result = Diff(todo=todo, already_done=listing.num_rows - todo.num_rows)
+    # Unlisted rows are few (changed or removed images): telling them apart is cheap.
+    for part, tables in stale.items():
+        rows = pa.concat_tables(tables)
+        changed = pc.is_in(rows["uri"], value_set=listing["uri"])
+        if pc.any(changed).as_py():
+            result.superseded[part] = set(rows.filter(changed)["image_id"].to_pylist())
+        result.gone += rows.num_rows - int(pc.sum(changed).as_py() or 0)
+    return result
+
+
+def supersede(out: storage.Location, stale: dict[str, set[str]]) -> None:
+    """Drop the old rows of changed images from their parts before the new rows are written.
+
+    The old part is deleted before its replacement is renamed in: a crash in between leaves
+    rows missing, never doubled, and the next run extracts what is missing.
+    """
+    for part, ids in stale.items():
+        with out.fs.open(part, "rb") as f:
+            table = pq.read_table(f)
+        keep = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=pa.array(sorted(ids)))))
+        staged = None
+        if keep.num_rows:
+            staged = storage.stage_table(keep, out)
+        out.fs.rm(part)
+        if staged:
+            out.fs.mv(staged, posixpath.join(posixpath.dirname(part), f"part-{uuid.uuid4().hex}.parquet"))

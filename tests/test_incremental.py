@@ -1,0 +1,116 @@
+"""Incremental and resumable extraction: only what is new, changed or unfinished is extracted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import s3fs
+from PIL import Image
+
+from ftl import config, extract
+from tests.conftest import BUCKET, write_workflow
+
+
+def run(wf):
+    return extract.run(config.load_workflow(wf))
+
+
+def counts(result):
+    return result.listed, result.already_done, result.ok, result.quarantined
+
+
+def copy_images(src, dst, n, *, start=0):
+    files = sorted(src.rglob("*.png"))[start : start + n]
+    for p in files:
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    return files
+
+
+def rows(out) -> pd.DataFrame:
+    return pd.read_parquet(out)
+
+
+def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime):
+    data = tmp_path / "data"
+    copy_images(fmnist, data, 30)
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(data)},
+                        extract={"output": str(tmp_path / "out"), "weights": "random"})
+    assert counts(run(wf)) == (30, 0, 30, 0)
+    assert counts(run(wf)) == (30, 30, 0, 0)  # nothing new: no backbone work at all
+
+    copy_images(fmnist, data, 10, start=100)
+    assert counts(run(wf)) == (40, 30, 10, 0)  # only the new ones
+
+    changed = sorted(data.rglob("*.png"))[3]
+    before = rows(tmp_path / "out" / "features").set_index("uri").loc[str(changed)]
+    Image.new("L", (28, 28), 255).save(changed)  # a different image under the same name
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    result = run(wf)
+    assert counts(result) == (40, 39, 1, 0) and result.superseded == 1
+    after = rows(tmp_path / "out" / "features")
+    assert after["uri"].is_unique and len(after) == 40
+    row = after.set_index("uri").loc[str(changed)]
+    assert row["image_id"] != before["image_id"]
+    assert not np.allclose(row["feat_flatten"], before["feat_flatten"], rtol=1e-2, atol=0)
+
+    removed = sorted(data.rglob("*.png"))[0]
+    removed.unlink()
+    result = run(wf)
+    assert counts(result) == (39, 39, 0, 0) and result.gone == 1
+    assert "gone from the source: 1" in result.summary()
+    assert len(rows(tmp_path / "out" / "features")) == 40  # reported, not deleted
+
+
+def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
+    fs = s3fs.S3FileSystem()
+    files = sorted(fmnist.rglob("*.png"))
+    for p in files[:20]:
+        fs.put_file(str(p), f"{BUCKET}/incr/{p.relative_to(fmnist)}")
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": f"s3://{BUCKET}/incr"},
+                        extract={"output": f"s3://{BUCKET}/incr-out", "weights": "random"})
+    assert counts(run(wf)) == (20, 0, 20, 0)
+    for p in files[20:25]:
+        fs.put_file(str(p), f"{BUCKET}/incr/{p.relative_to(fmnist)}")
+    assert counts(run(wf)) == (25, 20, 5, 0)
+    fs.put_file(str(files[30]), f"{BUCKET}/incr/{files[0].relative_to(fmnist)}")  # new content, new ETag
+    result = run(wf)
+    assert counts(result) == (25, 24, 1, 0) and result.superseded == 1
+    table = pd.read_parquet(f"s3://{BUCKET}/incr-out/features")
+    assert len(table) == 25 and table["uri"].is_unique
+
+
+def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, ray_runtime):
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(fmnist), "limit": 240},
+                        extract={"output": str(tmp_path / "out"), "weights": "random", "batch_size": 16,
+                                 "decode_batch_size": 16, "rows_per_file": 16})
+    parts = tmp_path / "out" / "features"
+    proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray runtime it started
+    proc.wait()
+    written = len(rows(parts))
+    assert 0 < written < 240
+
+    resumed = run(wf)
+    assert resumed.already_done == written and resumed.ok == 240 - written
+    clean = write_workflow(tmp_path / "clean.yaml", source={"uri": str(fmnist), "limit": 240},
+                           extract={"output": str(tmp_path / "clean"), "weights": "random"})
+    run(clean)
+    got = rows(parts).set_index("image_id").sort_index()
+    want = rows(tmp_path / "clean" / "features").set_index("image_id").sort_index()
+    assert got.index.is_unique and list(got.index) == list(want.index)
+    np.testing.assert_allclose(np.stack(got["feat_flatten"]), np.stack(want["feat_flatten"]), rtol=1e-4, atol=1e-5)
