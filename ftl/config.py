@@ -22,9 +22,12 @@ class Strict(BaseModel):
 
 class SourceConfig(Strict):
     uri: str
-    format: Literal["imagefolder", "manifest"] = "imagefolder"
+    format: Literal["imagefolder", "manifest", "webdataset"] = "imagefolder"
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
     limit: int | None = Field(default=None, ge=1, description="take only the first N images (sorted by uri)")
+    # WebDataset: which member holds the image (first found) and which the label.
+    image_keys: list[str] = ["jpg", "jpeg", "png", "webp"]
+    label_key: str | None = "cls"
 
 
 class StorageConfig(Strict):

@@ -97,11 +97,18 @@ def decode_batch(batch: pa.Table, *, pre: Preprocess, max_pixels: int, storage_o
     # "" means no error: all-None object columns do not survive Ray's numpy→Arrow conversion.
     stage = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
-    try:
-        blobs = read_all(uris, storage_options)
-    except Exception as e:  # the whole request failed: every image of the batch is unreadable
-        blobs = [e] * n
+    done = batch["done"].to_numpy(zero_copy_only=False) if "done" in batch.column_names else np.zeros(n, bool)
+    if "data" in batch.column_names:  # WebDataset: the bytes came inline from the shard
+        blobs = batch["data"].to_pylist()
+    else:
+        try:
+            blobs = read_all(uris, storage_options)
+        except Exception as e:  # the whole request failed: every image of the batch is unreadable
+            blobs = [e] * n
     for i, blob in enumerate(blobs):
+        if done[i]:  # already in the output: carried only to be counted
+            stage[i] = "done"
+            continue
         if isinstance(blob, Exception):
             stage[i], error[i] = "read", f"{type(blob).__name__}: {blob}"
             continue

@@ -80,7 +80,7 @@ class Embedder:
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ok = batch["error"] == ""
+        ok = (batch["error"] == "") & (batch["stage"] != "done")
         feats = self.features(batch["pixels"][ok]) if ok.any() else {}
         arrays = {
             "image_id": pa.array(batch["image_id"], pa.string()),

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from ftl import backbones, decode, incremental, schema, sources, storage, weights
+from ftl import backbones, decode, incremental, schema, sources, storage, webdataset, weights
 from ftl.config import ExtractConfig, Workflow
 from ftl.embed import Embedder, ModelSpec
 from ftl.sink import FEATURES, QUARANTINE, FeatureSink
@@ -39,6 +39,7 @@ class ExtractResult:
     quarantine_uri: str
     feature_set: str
     provenance: dict = field(repr=False)
+    shards_skipped: int = 0  # WebDataset shards finished by an earlier run, not opened
     superseded: int = 0  # old rows of images that changed since they were extracted
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
 
@@ -53,6 +54,8 @@ class ExtractResult:
         ]
         if self.superseded:
             lines.append(f"changed since last run: {self.superseded} (old rows replaced)")
+        if self.shards_skipped:
+            lines.append(f"shards finished by earlier runs, skipped unopened: {self.shards_skipped}")
         if self.gone:
             lines.append(f"gone from the source: {self.gone} (rows kept in the output)")
         lines += [f"features:   {self.features_uri}", f"quarantine: {self.quarantine_uri}",
@@ -137,20 +140,23 @@ def run(wf: Workflow) -> ExtractResult:
     spec, prov, pre = plan(wf)
     out = storage.locate(cfg.output, wf.storage.options)
     claim_output(out, prov)
-    listing = sources.list_images(wf.source, storage_options=wf.storage.options)
-    work = incremental.diff(listing, out, (FEATURES, QUARANTINE))
-    incremental.supersede(out, work.superseded)
-    todo = work.todo
     result = ExtractResult(
-        listed=listing.num_rows, already_done=work.already_done, ok=0, quarantined=0, seconds=0.0,
-        output=out.uri, features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
-        feature_set=prov["feature_set"], provenance=prov, superseded=work.superseded_rows, gone=work.gone,
+        listed=0, already_done=0, ok=0, quarantined=0, seconds=0.0, output=out.uri,
+        features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
+        feature_set=prov["feature_set"], provenance=prov,
     )
-    if todo.num_rows:
-        ensure_ray()
+    if wf.source.format == "webdataset":
+        images, shards = webdataset_input(wf, out, result, ensure_ray)
+    else:
+        images, shards = listed_input(wf, out, result, ensure_ray), None
+    if images is not None:
         sink = FeatureSink(out, prov, rows_per_file=cfg.rows_per_file)
-        pipeline(todo, spec, prov, pre, cfg, storage_options=wf.storage.options).write_datasink(sink)
+        pipeline(images, spec, prov, pre, cfg, storage_options=wf.storage.options).write_datasink(sink)
         result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
+        if shards is not None:  # images inside shards are counted as they stream by
+            result.already_done += sink.counts["done"]
+            result.listed += sink.counts["ok"] + sink.counts["quarantined"] + sink.counts["done"]
+            webdataset.record_finished(out, shards)
     result.seconds = time.perf_counter() - started
     processed = result.ok + result.quarantined
     if processed and result.quarantined / processed > cfg.max_error_fraction:
@@ -161,20 +167,56 @@ def run(wf: Workflow) -> ExtractResult:
     return result
 
 
-def pipeline(todo: pa.Table, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
+def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult, ensure_ray):
+    """Imagefolder and manifest sources: diff the listing on the driver, supersede changed rows."""
+    import ray
+
+    listing = sources.list_images(wf.source, storage_options=wf.storage.options)
+    work = incremental.diff(listing, out, (FEATURES, QUARANTINE))
+    incremental.supersede(out, work.superseded)
+    result.listed, result.already_done = listing.num_rows, work.already_done
+    result.superseded, result.gone = work.superseded_rows, work.gone
+    if not work.todo.num_rows:
+        return None
+    ensure_ray()
+    # One decode batch per block, so that decoding streams into the model from the first batch.
+    rows = wf.extract.decode_batch_size
+    return ray.data.from_arrow([work.todo.slice(i, rows) for i in range(0, work.todo.num_rows, rows)])
+
+
+def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult, ensure_ray):
+    """WebDataset shards: finished shards are skipped unopened, done images inside others pass by."""
+    import ray
+
+    src = wf.source
+    shards = webdataset.list_shards(src, wf.storage.options)
+    todo = webdataset.pending_shards(shards, out)
+    result.shards_skipped = shards.num_rows - todo.num_rows
+    if not todo.num_rows:
+        return None, None
+    ensure_ray()
+    loc = storage.locate(src.uri, wf.storage.options)
+    done = ray.put(webdataset.done_keys(out, (FEATURES, QUARANTINE)))
+    ds = ray.data.read_webdataset(
+        [storage.strip_scheme(u) for u in todo["uri"].to_pylist()], filesystem=storage.arrow_filesystem(loc),
+        decoder=None,
+    )
+    versions = {u: (v, s) for u, v, s in zip(*(todo[c].to_pylist() for c in ("uri", "version", "split")))}
+    images = ds.map_batches(
+        webdataset.to_images, batch_format="pyarrow", batch_size=wf.extract.decode_batch_size,
+        fn_kwargs={"shards": versions, "done": done, "image_keys": src.image_keys, "label_key": src.label_key},
+    )
+    return images, todo
+
+
+def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
              *, storage_options: dict):
-    """The Ray Data plan: listing blocks → decode tasks → actor pool."""
+    """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ftl.embed import pick_device
-
-    # One decode batch per block, so that decoding streams into the model from the first batch.
-    rows = cfg.decode_batch_size
-    blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
     device = "cuda" if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
+    ds = images.map_batches(
         decode.decode_batch,
         fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},
         batch_size=cfg.decode_batch_size,

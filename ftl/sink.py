@@ -25,7 +25,7 @@ class FeatureSink(Datasink):
         self.out = out
         self.schema = schema.features(prov)
         self.rows_per_file = rows_per_file
-        self.counts = {"ok": 0, "quarantined": 0, "files": 0}
+        self.counts = {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -36,10 +36,12 @@ class FeatureSink(Datasink):
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"ok": 0, "quarantined": 0, "files": 0}
+            return {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
         table = pa.concat_tables(tables, promote_options="permissive")
+        done = pc.equal(table["stage"], "done")  # already in the output; only counted
         bad = pc.not_equal(table["error"], "")
-        good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
+        good = table.filter(pc.and_(pc.invert(bad), pc.invert(done)))
+        quarantined = table.filter(bad)
         name = f"part-{uuid.uuid4().hex}.parquet"
         files = 0
         if good.num_rows:
@@ -49,7 +51,8 @@ class FeatureSink(Datasink):
             q = quarantined.select(schema.QUARANTINE.names).cast(schema.QUARANTINE)
             storage.write_table_atomic(q, self.out.join(QUARANTINE), name)
             files += 1
-        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "files": files}
+        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
+                "files": files}
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:

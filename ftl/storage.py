@@ -76,6 +76,15 @@ def resolve(base: Location, uri: str) -> str:
     return base.to_uri(posixpath.normpath(posixpath.join(base.path, uri)))
 
 
+def arrow_filesystem(loc: Location):
+    """The same filesystem for readers that want pyarrow's interface (Ray Data's)."""
+    import pyarrow.fs
+
+    if loc.scheme == "file":
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(loc.fs))
+
+
 def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 

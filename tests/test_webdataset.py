@@ -1,0 +1,80 @@
+"""WebDataset shards as a source: read by Ray Data's reader, locally and from S3, incrementally."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from ftl import config, extract
+from tests.conftest import BUCKET, write_workflow
+
+
+def write_shard(path, images, *, broken: bool = False) -> None:
+    """img2dataset's layout: <key>.png and <key>.cls members, one sample per key."""
+    with tarfile.open(path, "w") as tar:
+        for p in images:
+            key = p.stem
+            for ext, data in (("png", p.read_bytes()), ("cls", p.parent.name.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if broken:
+            info = tarfile.TarInfo("broken.png")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"nope!"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_webdataset_shards_incrementally(tmp_path, fmnist, s3_server, ray_runtime, where):
+    files = sorted(fmnist.glob("train/*/*.png"))
+    shards = tmp_path / "shards" / "train"
+    shards.mkdir(parents=True)
+    write_shard(shards / "shard-00000.tar", files[:12])
+    write_shard(shards / "shard-00001.tar", files[12:20], broken=True)
+    root, out = str(tmp_path / "shards"), str(tmp_path / "out")
+    if where == "s3":
+        fs = s3fs.S3FileSystem()
+        fs.put(str(tmp_path / "shards"), f"{BUCKET}/wds", recursive=True)
+        root, out = f"s3://{BUCKET}/wds", f"s3://{BUCKET}/wds-out"
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": root, "format": "webdataset"},
+                        extract={"output": out, "weights": "random", "max_error_fraction": 0.1})
+    result = extract.run(config.load_workflow(wf))
+    assert (result.listed, result.already_done, result.ok, result.quarantined) == (21, 0, 20, 1)
+
+    feats = pd.read_parquet(f"{out}/features")
+    assert len(feats) == 20 and feats["image_id"].is_unique
+    assert sorted(feats["uri"].str.split("#").str[1]) == sorted(p.stem for p in files[:20])
+    label_of = {p.stem: p.parent.name for p in files}
+    assert (feats["label"] == feats["uri"].str.split("#").str[1].map(label_of)).all()
+    assert set(feats["split"]) == {"train"}
+    quarantine = pd.read_parquet(f"{out}/quarantine")
+    assert list(quarantine["uri"].str.split("#").str[1]) == ["broken"]
+
+    # A new shard: the finished ones are not even opened, only the new images are extracted.
+    write_shard(tmp_path / "shard-00002.tar", files[20:26])
+    if where == "s3":
+        s3fs.S3FileSystem().put_file(str(tmp_path / "shard-00002.tar"), f"{BUCKET}/wds/train/shard-00002.tar")
+    else:
+        (tmp_path / "shard-00002.tar").rename(shards / "shard-00002.tar")
+    again = extract.run(config.load_workflow(wf))
+    assert (again.shards_skipped, again.listed, again.ok, again.quarantined) == (2, 6, 6, 0)
+    assert len(pd.read_parquet(f"{out}/features")) == 26
+    assert extract.run(config.load_workflow(wf)).shards_skipped == 3
+
+
+def test_images_done_inside_an_unfinished_shard_are_skipped(tmp_path, fmnist, ray_runtime):
+    files = sorted(fmnist.glob("val/*/*.png"))[:10]
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "s.tar", files)
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "shards"), "format": "webdataset"},
+                        extract={"output": str(tmp_path / "out"), "weights": "random"})
+    assert extract.run(config.load_workflow(wf)).ok == 10
+    (tmp_path / "out" / "_shards.parquet").unlink()  # as if the run died before recording the shard
+    again = extract.run(config.load_workflow(wf))
+    assert (again.listed, again.already_done, again.ok) == (10, 10, 0)
+    assert pq.read_table(tmp_path / "out" / "features").num_rows == 10
