@@ -1,0 +1,187 @@
+"""A real job on a real Ray head: `ray start --head`, `ray job submit -- ftl run`, outputs checked.
+
+The head runs isolated from the session's local runtime (`ray_runtime`): its own temp dir (so
+its address file is not the one a bare `ray.init()` reads), its own free ports, its own token
+passed only in the subprocess environment (never written to ~/.ray/auth_token), and it is
+stopped by ending its own process session, not with `ray stop`, which would stop every Ray
+process on the machine, the test session's and other users' included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from ftl import datasets
+from tests.conftest import free_port, write_workflow
+
+BIN = Path(sys.executable).parent
+PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+              "node-manager-port", "object-manager-port")
+
+
+class Head:
+    """A `ray start --head --block` in its own process session, with token auth on."""
+
+    def __init__(self, temp_dir: Path, log: Path):
+        self.token = secrets.token_hex(32)
+        ports = {flag: free_port() for flag in PORT_FLAGS}
+        self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+        # The job's driver inherits the head's environment: PATH finds this venv's `ftl`.
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+               "--temp-dir", str(temp_dir), "--disable-usage-stats", "--include-dashboard", "true",
+               "--dashboard-host", "127.0.0.1", "--object-store-memory", str(256 * 2**20)]
+        cmd += [arg for flag, port in ports.items() for arg in (f"--{flag}", str(port))]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def api(self, path: str, *, token: str | None = "own") -> tuple[int, str]:
+        """GET a dashboard endpoint, with this head's bearer token unless told otherwise."""
+        req = urllib.request.Request(self.dashboard + path)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {self.token if token == 'own' else token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.api("/api/jobs/")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the head's job server did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def ray(self, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        """Ray's own CLI against this head."""
+        return subprocess.run([str(BIN / "ray"), *args], cwd=cwd, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """End every process of this head's session; nothing else on the machine is touched."""
+        sid = self.proc.pid
+        procs = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == sid:
+                    procs.append(p)
+            except OSError:
+                pass
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.proc.wait(timeout=10)
+
+
+def session_members(sid: int) -> list[int]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p.pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    # Ray's unix socket paths live under the temp dir and must stay under ~107 bytes: keep it short.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ftlr", dir="/tmp"))
+    head = Head(temp_dir, tmp_path / "head.log")
+    try:
+        head.wait_ready()
+        assert len(session_members(head.proc.pid)) > 3  # gcs_server, raylet, dashboard, ...
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert session_members(head.proc.pid) == [], "processes of the test head outlived its stop"
+    import ray
+
+    if ray.is_initialized():  # the session's own runtime (ray_runtime) is still there and working
+        assert ray.get(ray.put("alive")) == "alive"
+
+
+def test_ftl_run_as_a_ray_job(tmp_path, ray_head):
+    data = tmp_path / "images"
+    datasets.write_imagefolder(data, per_class=4, val_per_class=2, test_per_class=2)  # 80 real PNGs
+    job_dir = tmp_path / "job"
+    (job_dir / "workflows").mkdir(parents=True)
+    output = tmp_path / "out" / "extract"
+    write_workflow(job_dir / "workflows" / "job.yaml", name="cluster-job",
+                   source={"uri": str(data)},
+                   extract={"output": str(output), "backbone": "mobilenet_v2", "weights": "random",
+                            "batch_size": 40},
+                   train={"head": "linear", "optimizer": "lbfgs", "epochs": 2, "workers": 1},
+                   tracking={"registered_model": "cluster-job", "system_metrics": False})
+
+    # Token auth is on: the job API refuses a request without this head's token.
+    assert ray_head.api("/api/jobs/", token=None)[0] == 401
+    assert ray_head.api("/api/jobs/", token="0" * 64)[0] == 403
+
+    # MLflow's embedded SQLite store keeps this test to one server (the head); the job gets its
+    # tracking URI through the runtime_env, as a real submission would.
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking}}
+    submit = ray_head.ray("job", "submit", "--address", ray_head.dashboard, "--working-dir", ".",
+                          "--submission-id", "ftl-cluster-test", "--runtime-env-json", json.dumps(runtime_env),
+                          "--", "ftl", "run", "workflows/job.yaml", cwd=job_dir, timeout=900)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+
+    status, body = ray_head.api("/api/jobs/ftl-cluster-test")
+    assert status == 200 and json.loads(body)["status"] == "SUCCEEDED", body
+    logs = ray_head.ray("job", "logs", "--address", ray_head.dashboard, "ftl-cluster-test", cwd=job_dir, timeout=60)
+    assert logs.returncode == 0, logs.stderr
+    assert re.search(r"listed 80 = .*80 extracted \+ 0 quarantined", logs.stdout), logs.stdout[-4000:]
+    assert "Connecting to existing Ray cluster" in logs.stdout  # ftl joined the head, not a local runtime
+    assert re.search(r"head model:\s+models:/cluster-job-head/1", logs.stdout), logs.stdout[-4000:]
+
+    parts = sorted(output.rglob("features/part-*.parquet"))
+    assert parts, f"no features Parquet under {output}"
+    table = pq.read_table(parts)
+    assert table.num_rows == 80
+    assert len(set(table.column("image_id").to_pylist())) == 80
+    assert table.column("uri").to_pylist()[0].startswith(str(data))
+
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking, registry_uri=tracking).search_model_versions("name='cluster-job-head'")
+    assert [str(v.version) for v in versions] == ["1"]

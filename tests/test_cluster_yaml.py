@@ -1,0 +1,133 @@
+"""cluster.yaml passes Ray's own validation and keeps the cluster closed, bounded and pinned."""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+OPEN_RANGES = ("0.0.0.0/0", "::/0")
+
+
+def strings(node):
+    """Every string in a nested YAML value, keys included."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def config(raw) -> dict:
+    """The config as `ray up` sees it: merged with the AWS defaults, then validated (offline)."""
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    return prepared
+
+
+def pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    out = {}
+    for dep in deps:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.split("#")[0].strip())
+        assert m, f"pyproject.toml dependency not pinned exactly: {dep}"
+        out[m.group(1).lower()] = m.group(3)
+    return out
+
+
+def test_ray_validation_accepts_it_and_rejects_a_broken_copy(raw, config):
+    assert config["provider"]["type"] == "aws"
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_spot"]["node_cofnig"] = broken["available_node_types"]["gpu_spot"].pop(
+        "node_config")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(broken)
+    broken = copy.deepcopy(config)
+    broken["head_node_type"] = "nope"
+    with pytest.raises(ValueError):
+        validate_config(broken)
+
+
+def test_nothing_is_open_to_the_world(raw, config):
+    for text in strings(config):
+        for cidr in OPEN_RANGES:
+            assert cidr not in text, f"open ingress range {cidr} in cluster.yaml: {text!r}"
+    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + \
+                 [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        assert not set(ranges) & set(OPEN_RANGES), rule
+    # A node type without its own group gets the launcher's default one, which always allows
+    # SSH from 0.0.0.0/0: every node type must name its group.
+    for name, node_type in config["available_node_types"].items():
+        assert node_type["node_config"].get("SecurityGroupIds"), f"{name}: no SecurityGroupIds"
+    for cmd in config["head_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "--dashboard-host=127.0.0.1" in cmd, cmd
+            assert "RAY_AUTH_MODE=token" in cmd, cmd
+    for cmd in config["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "RAY_AUTH_MODE=token" in cmd, cmd
+    assert "~/.ray/auth_token" in config["file_mounts"]
+
+
+def test_object_storage_through_instance_profiles_not_keys(raw):
+    for name, node_type in raw["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name}: no IamInstanceProfile"
+        assert node_type["node_config"]["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv2 only
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)
+    for key in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+        assert key not in text.lower()
+
+
+def test_cpu_and_spot_gpu_worker_types_with_bounds(config):
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    workers = {k: v for k, v in types.items() if k != head}
+    gpu = {k: v for k, v in workers.items() if v["resources"].get("GPU", 0) >= 1}
+    cpu = {k: v for k, v in workers.items() if not v["resources"].get("GPU")}
+    assert types[head]["resources"].get("GPU", 0) == 0
+    assert cpu and gpu
+    for name, t in gpu.items():
+        assert re.match(r"g[56]\.", t["node_config"]["InstanceType"]), name
+        assert t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot", name
+        assert "gpu" in t.get("docker", {}).get("worker_image", ""), f"{name}: needs a CUDA image"
+    assert isinstance(config["max_workers"], int) and 0 < config["max_workers"] <= 100
+    for name, t in workers.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"], name
+    assert sum(t["min_workers"] for t in workers.values()) <= config["max_workers"]
+    assert config["idle_timeout_minutes"] > 0
+
+
+def test_nodes_install_ftl_with_the_pyproject_pins(config):
+    want = pins()
+    images = [config["docker"]["image"], config["docker"]["head_image"], config["docker"]["worker_image"]]
+    images += [t["docker"]["worker_image"] for t in config["available_node_types"].values()
+               if t.get("docker", {}).get("worker_image")]
+    for image in images:
+        m = re.fullmatch(r"rayproject/ray:([\d.]+)-py(\d)(\d+)-(cpu|gpu|cu\d+)", image)
+        assert m, image
+        assert m.group(1) == want["ray"], f"{image}: the Ray pin is {want['ray']}"
+    commands = " ".join(config["setup_commands"] + config["head_setup_commands"] + config["worker_setup_commands"])
+    assert re.search(r"pip install .*~/ftl\b", commands), "setup must install ftl (and so its pins)"
+    assert config["file_mounts"]["~/ftl"] == "."
+    for name, version in re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.]+)", commands):
+        assert want.get(name.lower()) == version, f"{name}=={version} differs from pyproject.toml"
