@@ -9,7 +9,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SECRET_KEYS = ("secret", "key", "token", "password", "session")
+# Storage option names that carry credentials (s3fs/botocore spellings), masked on display.
+SECRET_NAMES = {"key", "secret", "token", "password", "session_token"}
+SECRET_SUFFIXES = ("_secret", "_token", "_password", "secret_key", "access_key", "access_key_id")
 
 
 class WorkflowError(ValueError):
@@ -203,10 +205,15 @@ def to_yaml(wf: Workflow, *, mask: bool = True) -> str:
     return yaml.safe_dump(mask_secrets(data) if mask else data, sort_keys=False)
 
 
+def is_secret(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
+
+
 def mask_secrets(data: Any) -> Any:
     if isinstance(data, dict):
         return {
-            k: ("***" if any(s in k.lower() for s in SECRET_KEYS) and v else mask_secrets(v))
+            k: ("***" if is_secret(k) and v else mask_secrets(v))
             for k, v in data.items()
         }
     if isinstance(data, list):

@@ -69,6 +69,7 @@ def test_show_prints_resolved_workflow_with_secrets_masked(tmp_path, capsys):
     assert resolved["extract"]["max_error_fraction"] == 0.05  # defaults are shown
     assert "AKIA123" not in out and "s3cr3t" not in out
     assert resolved["storage"]["options"] == {"key": "***", "secret": "***"}
+    assert resolved["source"]["label_key"] == "cls"  # only credential names are masked
 
 
 def test_cli_reports_config_errors_with_exit_code(tmp_path, capsys):
