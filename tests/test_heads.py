@@ -38,7 +38,7 @@ def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime
 
     # The same objective: sklearn's C·Σ CE + ½‖W‖² is mean CE + ½·wd‖W‖² with wd = 1 / (C·n).
     n = len(data.y["train"])
-    cfg = TrainConfig(optimizer="lbfgs", weight_decay=[1 / (c * n) for c in C_GRID], epochs=50, patience=50)
+    cfg = TrainConfig(optimizer="lbfgs", weight_decay=[1 / (c * n) for c in C_GRID], epochs=25, patience=5)
     # Checkpoints go to S3 (the moto server), through Ray Train's storage_filesystem.
     fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=f"s3://{BUCKET}/checkpoints",
                      run_name="lbfgs")
