@@ -2,8 +2,9 @@
 
 The done ids are never collected into one set. The listing (which the driver holds anyway)
 becomes a sorted array of 16-byte ids; the id and uri columns of every committed part are
-streamed against it in batches. Driver memory beyond the listing: 16 bytes per listed image
-plus one batch, whatever the size of the output.
+streamed against it in batches. Driver memory beyond the listing: about 25 bytes per listed
+image kept (key, sort order, found flag), 32 more while the keys are built, plus one batch,
+whatever the size of the output.
 """
 
 from __future__ import annotations
@@ -37,10 +38,21 @@ class Diff:
 
 
 def id_bytes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """32-char hex image ids → (N,) array of 16-byte keys (numpy sorts and searches these)."""
-    raw = np.asarray(pc.cast(ids, pa.string()).to_numpy(zero_copy_only=False), dtype="S32")
-    nibbles = _HEX[raw.view(np.uint8).reshape(-1, 32)]
-    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).copy().view("S16").ravel()
+    """32-char hex image ids → (N,) array of 16-byte keys (numpy sorts and searches these).
+
+    Read straight from the Arrow data buffer: no Python string per id.
+    """
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if arr.type != pa.string():
+        arr = pc.cast(arr, pa.string())
+    if arr.null_count:
+        raise ValueError("image_id has nulls; the output is damaged")
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    if offsets[-1] - offsets[0] != 32 * len(arr):
+        raise ValueError("image_id values must be 32 hex characters, as ftl writes them")
+    raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    nibbles = _HEX[raw.reshape(-1, 32)]
+    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view("S16").ravel()
 
 
 class Membership:
@@ -74,10 +86,13 @@ def diff(listing: pa.Table, out: storage.Location, folders: tuple[str, ...]) -> 
                         stale.setdefault(part, []).append(pa.Table.from_batches([batch]).filter(pa.array(~listed)))
     todo = listing.filter(pa.array(~member.found))
     result = Diff(todo=todo, already_done=listing.num_rows - todo.num_rows)
-    # Unlisted rows are few (changed or removed images): telling them apart is cheap.
+    # Unlisted rows are few (changed or removed images): hash those, never the whole listing.
+    if stale:
+        unlisted = pa.concat_arrays([t["uri"].combine_chunks() for ts in stale.values() for t in ts])
+        relisted = listing["uri"].filter(pc.is_in(listing["uri"], value_set=unlisted))
     for part, tables in stale.items():
         rows = pa.concat_tables(tables)
-        changed = pc.is_in(rows["uri"], value_set=listing["uri"])
+        changed = pc.is_in(rows["uri"], value_set=relisted)
         if pc.any(changed).as_py():
             result.superseded[part] = set(rows.filter(changed)["image_id"].to_pylist())
         result.gone += rows.num_rows - int(pc.sum(changed).as_py() or 0)
