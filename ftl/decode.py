@@ -14,8 +14,6 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from ray.data.extensions import ArrowTensorArray
-
 from ftl import storage
 
 
@@ -116,6 +114,8 @@ def decode_batch(batch: pa.Table, *, pre: Preprocess, max_pixels: int, storage_o
             pixels[i], width[i], height[i] = decode_one(blob, pre, max_pixels=max_pixels)
         except Exception as e:  # any decoder failure quarantines this image only
             stage[i], error[i] = "decode", f"{type(e).__name__}: {e}"
+    from ray.data.extensions import ArrowTensorArray  # here, so the pyfunc model needs no Ray to decode
+
     return batch.select(["image_id", "uri", "label", "split"]).append_column(
         "pixels", ArrowTensorArray.from_numpy(pixels)
     ).append_column("width", pa.array(width)).append_column("height", pa.array(height)).append_column(

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ftl import backbones, decode, incremental, schema, sources, storage, webdataset, weights
 from ftl.config import ExtractConfig, Workflow
 from ftl.embed import Embedder, ModelSpec
-from ftl.sink import FEATURES, QUARANTINE, FeatureSink
+from ftl.sink import FEATURES, QUARANTINE, feature_sink
 
 PROVENANCE_FILE = "_ftl.json"
 
@@ -150,7 +150,7 @@ def run(wf: Workflow) -> ExtractResult:
     else:
         images, shards = listed_input(wf, out, result, ensure_ray), None
     if images is not None:
-        sink = FeatureSink(out, prov, rows_per_file=cfg.rows_per_file)
+        sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file)
         pipeline(images, spec, prov, pre, cfg, storage_options=wf.storage.options).write_datasink(sink)
         result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
         if shards is not None:  # images inside shards are counted as they stream by

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from ray.data import Datasink
 
-from ftl import decode, schema, sources, storage, tracking
+from ftl import decode, incremental, sources, storage, tracking
 from ftl.config import SourceConfig, TrackingConfig
+from ftl.sink import QUARANTINE, SplitSink
 
 PREDICTIONS = "predictions"
-QUARANTINE = "quarantine"
 
 
 class PredictError(RuntimeError):
@@ -88,44 +84,9 @@ class Predictor:
         })
 
 
-class PredictionSink(Datasink):
-    """Each write task commits a predictions part and a quarantine part atomically."""
-
-    def __init__(self, out: storage.Location, k: int):
-        self.out, self.schema = out, output_schema(k)
-        self.counts = {"ok": 0, "quarantined": 0}
-
-    def write(self, blocks: Iterable, ctx) -> dict:
-        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"ok": 0, "quarantined": 0}
-        table = pa.concat_tables(tables)
-        bad = pc.not_equal(table["error"], "")
-        good, quarantined = table.filter(pc.invert(bad)), table.filter(bad)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        if good.num_rows:
-            storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(PREDICTIONS), name)
-        if quarantined.num_rows:
-            q = pa.table({c: quarantined["true_label" if c == "label" else c] for c in schema.QUARANTINE.names})
-            storage.write_table_atomic(q.cast(schema.QUARANTINE), self.out.join(QUARANTINE), name)
-        return {"ok": good.num_rows, "quarantined": quarantined.num_rows}
-
-    def on_write_complete(self, write_result) -> None:
-        for r in write_result.write_returns:
-            for k in self.counts:
-                self.counts[k] += r[k]
-
-
 def list_input(uri: str, storage_options: dict | None) -> pa.Table:
     fmt = "manifest" if uri.endswith((".csv", ".parquet")) else "imagefolder"
     return sources.list_images(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
-
-
-def done_ids(out: storage.Location) -> pa.Array:
-    parts = [storage.read_parquet(out.join(d), columns=["image_id"]) for d in (PREDICTIONS, QUARANTINE)]
-    parts = [p["image_id"].combine_chunks() for p in parts if p is not None]
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
 def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batch_size: int = 64, actors: int = 1,
@@ -142,15 +103,14 @@ def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batc
     k = min(top_k, len(model.classes))
     out = storage.locate(output_uri, storage_options)
     listing = list_input(input_uri, storage_options)
-    done = done_ids(out)
-    todo = listing.filter(pc.invert(pc.is_in(listing["image_id"], value_set=done))) if len(done) else listing
+    todo = incremental.diff(listing, out, (PREDICTIONS, QUARANTINE)).todo
     result = PredictResult(model=model_uri, listed=listing.num_rows, already_done=listing.num_rows - todo.num_rows,
                            ok=0, quarantined=0, seconds=0.0, output=out.uri)
     if todo.num_rows:
         ensure_ray()
-        rows = batch_size * 4
-        ds = ray.data.from_arrow([todo.slice(i, rows) for i in range(0, todo.num_rows, rows)])
-        ds = ds.map_batches(decode.decode_batch, batch_size=batch_size, batch_format="pyarrow",
+        ds = ray.data.from_arrow([todo.slice(i, batch_size) for i in range(0, todo.num_rows, batch_size)])
+        # Half a CPU per decode task: unlike the actors' ask, so Ray does not fuse decoding into them.
+        ds = ds.map_batches(decode.decode_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5,
                             fn_kwargs={"pre": model.preprocess, "max_pixels": decode_limit(),
                                        "storage_options": storage_options})
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -158,7 +118,8 @@ def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batc
                                                               "tracking_uri": tracking_uri},
                             batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                             num_cpus=max(0.5, min(1.0, cpus - 1)))
-        sink = PredictionSink(out, k)
+        sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=8192,
+                         quarantine_from={"label": "true_label"})
         ds.write_datasink(sink)
         result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
     result.seconds = time.perf_counter() - started

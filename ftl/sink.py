@@ -20,11 +20,15 @@ FEATURES = "features"
 QUARANTINE = "quarantine"
 
 
-class FeatureSink(Datasink):
-    def __init__(self, out: storage.Location, prov: dict, *, rows_per_file: int):
-        self.out = out
-        self.schema = schema.features(prov)
+class SplitSink(Datasink):
+    """Rows with an error go to `quarantine/`, rows marked done are only counted, the rest to `folder`."""
+
+    def __init__(self, out: storage.Location, *, folder: str, schema: pa.Schema, rows_per_file: int,
+                 quarantine_from: dict[str, str] | None = None):
+        self.out, self.folder, self.schema = out, folder, schema
         self.rows_per_file = rows_per_file
+        # Quarantine columns taken from other block columns, e.g. the listed label under another name.
+        self.quarantine_from = quarantine_from or {}
         self.counts = {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
 
     @property
@@ -33,7 +37,7 @@ class FeatureSink(Datasink):
         return self.rows_per_file
 
     def write(self, blocks: Iterable[Block], ctx) -> dict:
-        tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
+        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
@@ -45,11 +49,11 @@ class FeatureSink(Datasink):
         name = f"part-{uuid.uuid4().hex}.parquet"
         files = 0
         if good.num_rows:
-            storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(FEATURES), name)
+            storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(self.folder), name)
             files += 1
         if quarantined.num_rows:
-            q = quarantined.select(schema.QUARANTINE.names).cast(schema.QUARANTINE)
-            storage.write_table_atomic(q, self.out.join(QUARANTINE), name)
+            q = pa.table({c: quarantined[self.quarantine_from.get(c, c)] for c in schema.QUARANTINE.names})
+            storage.write_table_atomic(q.cast(schema.QUARANTINE), self.out.join(QUARANTINE), name)
             files += 1
         return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
                 "files": files}
@@ -58,3 +62,7 @@ class FeatureSink(Datasink):
         for r in write_result.write_returns:
             for k in self.counts:
                 self.counts[k] += r[k]
+
+
+def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int) -> SplitSink:
+    return SplitSink(out, folder=FEATURES, schema=schema.features(prov), rows_per_file=rows_per_file)
