@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-from ftl import config, decode, embed, extract, schema, sources  # noqa: E402
+from ftl import config, decode, embed, extract, incremental, schema, sources  # noqa: E402
 from ftl.ray_runtime import ensure_ray  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
@@ -169,7 +169,7 @@ def main() -> None:
     for module, name, label in [(extract, "plan", "plan (weights, layers)"),
                                 (extract, "claim_output", "claim output"),
                                 (sources, "list_images", "listing"),
-                                (extract, "done_ids", "read done ids"),
+                                (incremental, "diff", "diff against the output"),
                                 (extract, "pipeline", "pipeline")]:
         spans.wrap(module, name, label)
     torch.set_num_threads(CORES)
@@ -220,7 +220,7 @@ def main() -> None:
     stage = lambda name, s, per=None: print(f"{name:<52}{s:>9.2f}{(per if per is not None else s / n) * 1e3:>10.2f}")  # noqa: E731
     stage("ray start (before (a), not in its time)", ray_start)
     phases = a["phases"]
-    for label in ["plan (weights, layers)", "claim output", "listing", "read done ids"]:
+    for label in ["plan (weights, layers)", "claim output", "listing", "diff against the output"]:
         stage(label, phases.get(label, 0.0))
     execute = a["seconds"] - sum(phases.values())
     stage("Ray Data execution: decode -> model -> write", execute)

@@ -89,28 +89,41 @@ def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
     assert len(table) == 25 and table["uri"].is_unique
 
 
-def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, ray_runtime):
-    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(fmnist), "limit": 240},
-                        extract={"output": str(tmp_path / "out"), "weights": "random", "batch_size": 16,
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, s3_server, ray_runtime, where):
+    limit = 240 if where == "local" else 120
+    source, out = str(fmnist), str(tmp_path / "out")
+    if where == "s3":
+        fs = s3fs.S3FileSystem()
+        for p in sorted(fmnist.rglob("*.png"))[:limit]:
+            fs.put_file(str(p), f"{BUCKET}/kill/{p.relative_to(fmnist)}")
+        source, out = f"s3://{BUCKET}/kill", f"s3://{BUCKET}/kill-out"
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": source, "limit": limit},
+                        extract={"output": out, "weights": "random", "batch_size": 16,
                                  "decode_batch_size": 16, "rows_per_file": 16})
-    parts = tmp_path / "out" / "features"
     proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # inherits the S3 env
     deadline = time.time() + 240
-    while time.time() < deadline and not (parts.exists() and len(list(parts.glob("*.parquet"))) >= 2):
+    while time.time() < deadline and committed_parts(f"{out}/features") < 2:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray runtime it started
     proc.wait()
-    written = len(rows(parts))
-    assert 0 < written < 240
+    written = len(rows(f"{out}/features"))
+    assert 0 < written < limit
 
     resumed = run(wf)
-    assert resumed.already_done == written and resumed.ok == 240 - written
-    clean = write_workflow(tmp_path / "clean.yaml", source={"uri": str(fmnist), "limit": 240},
+    assert resumed.already_done == written and resumed.ok == limit - written
+    clean = write_workflow(tmp_path / "clean.yaml", source={"uri": source, "limit": limit},
                            extract={"output": str(tmp_path / "clean"), "weights": "random"})
     run(clean)
-    got = rows(parts).set_index("image_id").sort_index()
+    got = rows(f"{out}/features").set_index("image_id").sort_index()
     want = rows(tmp_path / "clean" / "features").set_index("image_id").sort_index()
     assert got.index.is_unique and list(got.index) == list(want.index)
     np.testing.assert_allclose(np.stack(got["feat_flatten"]), np.stack(want["feat_flatten"]), rtol=1e-4, atol=1e-5)
+
+
+def committed_parts(folder: str) -> int:
+    from ftl import storage
+
+    return len(storage.list_parquet(storage.locate(folder)))
