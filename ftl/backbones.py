@@ -98,11 +98,26 @@ def stage_layers(name: str, count: int = 5) -> list[str]:
     """Evenly spaced layers from early to penultimate, for sweeps."""
     if name in STAGES:
         return STAGES[name]
-    nodes = [t for t, node in taps(name).items() if t == node]
-    last = nodes.index(taps(name)[default_layer(name)])
-    step = max(1, (last + 1) // count)
-    picks = [nodes[i] for i in range(last, -1, -step)][:count]
-    return picks[::-1]
+    blocks = [b for b in stage_blocks(build(name)) if b in taps(name)]
+    penultimate = default_layer(name)
+    # count - 1 blocks spread from early to the last one, then what the classifier reads.
+    picks = [blocks[round(i * (len(blocks) - 1) / max(1, count - 2))] for i in range(count - 1)] if blocks else []
+    return list(dict.fromkeys(picks + [penultimate]))
+
+
+def stage_blocks(model: nn.Module) -> list[str]:
+    """The backbone's blocks: children of the shallowest module with three or more container children.
+
+    resnet: layer1..layer4; efficientnet/convnext: features.N; vit: encoder.layers.encoder_layer_N.
+    """
+    level = [("", model)]
+    while level:
+        for prefix, module in level:
+            containers = [(f"{prefix}{n}", m) for n, m in module.named_children() if any(True for _ in m.children())]
+            if len(containers) >= 3:
+                return [n for n, _ in containers]
+        level = [(f"{p}{n}.", m) for p, mod in level for n, m in mod.named_children() if any(True for _ in m.children())]
+    return []
 
 
 def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") -> list[str]:
@@ -111,9 +126,11 @@ def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") 
     valid = taps(name)
     for i, layer in enumerate(layers):
         if layer not in valid:
-            # Top-level modules first, then names sharing the unknown one's prefix.
+            # Top-level modules first, then the unknown one's siblings (features.0 … features.18
+            # for features.99), then other names sharing its prefix.
             top = [v for v in valid if "." not in v]
-            close = [v for v in valid if "." in v and v.startswith(layer.rsplit(".", 1)[0] + ".")][:8]
+            near = [v for v in valid if "." in v and v.startswith(layer.rsplit(".", 1)[0] + ".")]
+            close = ([v for v in near if v.count(".") == layer.count(".")] or near)[:24]
             raise LayerError(
                 f"{path}[{i}]: unknown layer {layer!r} for {name}; valid: {', '.join(top + close)}, "
                 f"... ({len(valid)} in all; see: ftl layers {name})"

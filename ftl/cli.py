@@ -76,6 +76,15 @@ def run(workflow: Workflow, set: Sets = None) -> None:
 
 
 @app.command()
+def sweep(workflow: Workflow, set: Sets = None) -> None:
+    """Extract many layers (of several backbones) once, fit a head per layer × grid point, register the best."""
+    from ftl import sweep as stage
+
+    wf = config.load_workflow(workflow, set or [])
+    typer.echo(stage.run(wf).summary())
+
+
+@app.command()
 def predict(model: Annotated[str, typer.Option(help="models:/<name>/<version>, runs:/... or a model folder")],
             input: Annotated[str, typer.Option(help="folder (local or s3://) of images, or a manifest .csv/.parquet")],
             output: Annotated[str, typer.Option(help="where to write predictions/ and quarantine/ Parquet")],

@@ -102,6 +102,25 @@ class TrackingConfig(Strict):
     system_metrics: bool = True
 
 
+class SweepBackbone(Strict):
+    backbone: str
+    weights: str = "DEFAULT"
+    layers: list[str] = Field(default_factory=list, description="empty: evenly spaced stages (ftl.backbones.stage_layers)")
+
+
+class SweepConfig(Strict):
+    """`ftl sweep`: heads for every backbone × layer × lr × weight decay, the best on val kept."""
+
+    backbones: list[SweepBackbone] = Field(default_factory=list, description="empty: extract.backbone and weights")
+    head: Literal["linear", "mlp"] = "linear"
+    lr: list[float] = Field(default_factory=lambda: [1e-3, 1e-2], min_length=1)
+    # AdamW's decoupled decay: it shrinks weights by lr × weight_decay per step, hence values near 1.
+    weight_decay: list[float] = Field(default_factory=lambda: [1e-2, 1e-1, 1.0], min_length=1)
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    patience: int = Field(default=10, ge=1, description="epochs without a better val loss before a head stops")
+
+
 class Workflow(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     source: SourceConfig
@@ -109,6 +128,7 @@ class Workflow(Strict):
     extract: ExtractConfig
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @field_validator("name")
     @classmethod

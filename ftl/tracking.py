@@ -72,6 +72,30 @@ def start(cfg: TrackingConfig, *, name: str, stage: str, tags: dict | None = Non
         yield run.info.run_id
 
 
+@contextlib.contextmanager
+def child(*, name: str, stage: str, tags: dict | None = None) -> Iterator[str]:
+    """A run nested under the active one (no system metrics: one sampler thread per trial costs more than it tells)."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **(tags or {})},
+                          log_system_metrics=False) as run:
+        yield run.info.run_id
+
+
+def log_history_batch(history: list[dict]) -> None:
+    """Per-epoch metrics with the epoch as the step, in one request per 1000 values (many runs log at once)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, int(row["epoch"])) for row in history for k, v in row.items() if k != "epoch"]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(values), 1000):
+        client.log_batch(run_id, metrics=values[i : i + 1000], synchronous=True)
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in data.items():

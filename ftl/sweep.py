@@ -1,0 +1,231 @@
+"""Sweep: which backbone, and which of its layers, gives the best features for this data?
+
+Per backbone: extract once, tapping all its layers in one forward pass (reusing what is
+already extracted), then fit a head for every layer × lr × weight decay in one pass over the
+cached features (`ftl/probe.py` says why that and not Ray Tune). The best trial on val
+accuracy (ties: lower val log loss) is evaluated on test once, then logged and registered as
+`ftl train` does: the head and the composed image → class model. MLflow gets one parent run
+and a child run per trial, all children with the same param and metric names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ftl import backbones, config, evaluate, extract, features, probe, storage, tracking, train
+from ftl.config import SweepBackbone, Workflow
+
+KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
+
+
+@dataclass
+class SweepResult:
+    run_id: str
+    link: str
+    extractions: list[extract.ExtractResult]
+    trials: list[dict]  # one row per trial, as in trials.csv
+    best: dict
+    metrics: dict[str, float]  # the chosen head on val and test
+    model: str | None
+    head_model: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def curve(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Best val accuracy per layer (over the grid), per (backbone, weights), in depth order."""
+        out: dict = {}
+        for t in sorted(self.trials, key=lambda t: t["layer_index"]):
+            layers = out.setdefault((t["backbone"], t["weights"]), {})
+            layers[t["layer"]] = max(layers.get(t["layer"], 0.0), t["val/accuracy"])
+        return out
+
+    def summary(self) -> str:
+        lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]" for r in self.extractions]
+        for (backbone, weights), layers in self.curve().items():
+            lines.append(f"val accuracy by layer, {backbone} ({weights}): "
+                         + "  ".join(f"{name} {acc:.4f}" for name, acc in layers.items()))
+        b, m = self.best, self.metrics
+        lines += [
+            f"best of {len(self.trials)} trials: {b['backbone']} ({b['weights']}) layer {b['layer']}, lr {b['lr']}, "
+            f"weight decay {b['weight_decay']}: val accuracy {m['val/accuracy']:.4f}, "
+            f"test accuracy {m['test/accuracy']:.4f}, test macro-F1 {m['test/macro_f1']:.4f} in {self.seconds:.1f}s",
+            f"head model:  {self.head_model}", f"image model: {self.model or 'not logged'}",
+            f"MLflow run {self.run_id}: {self.link}",
+        ]
+        return "\n".join(lines + self.notes)
+
+
+def output_of(wf: Workflow, entry: SweepBackbone) -> str:
+    """Each backbone and weights into its own folder under extract.output."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(entry.weights.rstrip("/")) or entry.weights)
+    return storage.locate(wf.extract.output, wf.storage.options).join(f"{entry.backbone}-{slug}").uri
+
+
+def plan(wf: Workflow) -> list[Workflow]:
+    """One extraction workflow per swept backbone; layers, weights and dims checked before any work."""
+    entries = wf.sweep.backbones or [SweepBackbone(backbone=wf.extract.backbone, weights=wf.extract.weights)]
+    where = "sweep.backbones" if wf.sweep.backbones else "extract"
+    subs, seen = [], {}
+    for i, entry in enumerate(entries):
+        path = f"sweep.backbones[{i}]" if wf.sweep.backbones else "extract"
+        backbones.check_name(entry.backbone)
+        layers = backbones.check_layers(entry.backbone, entry.layers or backbones.stage_layers(entry.backbone),
+                                        path=f"{path}.layers")
+        key = (entry.backbone, entry.weights)
+        if key in seen:
+            raise config.WorkflowError(f"{path}: {entry.backbone} with weights {entry.weights} is already "
+                                       f"{where}[{seen[key]}]; list its layers once, in one entry")
+        seen[key] = i
+        ext = wf.extract.model_copy(update={"backbone": entry.backbone, "weights": entry.weights, "layers": layers,
+                                            "output": output_of(wf, entry)})
+        sub = wf.model_copy(update={"extract": ext})
+        extract.plan(sub)  # resolves the weights and the dims of every layer, on the driver
+        subs.append(sub)
+    return subs
+
+
+def load_layers(sub: Workflow) -> dict[str, features.FeatureData]:
+    """Every extracted layer of one backbone, with the same rows in the same order."""
+    t = sub.train
+    out = {}
+    for layer in sub.extract.layers:
+        out[layer] = features.load(train.features_uri(sub), layer=layer, val_fraction=t.val_fraction,
+                                   test_fraction=t.test_fraction, seed=t.seed, storage_options=sub.storage.options)
+    first = next(iter(out.values()))
+    for data in out.values():
+        if not all(np.array_equal(data.y[s], first.y[s]) for s in features.SPLITS):
+            raise train.TrainError(f"layers at {first.uri} do not read back in the same row order; re-extract them")
+    return out
+
+
+def rank(row: dict) -> tuple[float, float]:
+    """The selection rule: val accuracy, then the lower val log loss."""
+    return row["val/accuracy"], -row["val/log_loss"]
+
+
+def run(wf: Workflow) -> SweepResult:
+    """Extract every swept backbone's layers, fit all heads, keep and register the best."""
+    started = time.perf_counter()
+    subs = plan(wf)  # before any work: a bad layer list fails here
+    params = config.mask_secrets(wf.model_dump(mode="json"))
+    extracted = []
+    for sub in subs:
+        result = extract.run(sub)
+        extracted.append((sub, result, tracking.log_extraction(sub.tracking, workflow=wf.name, result=result,
+                                                               params=params)))
+    tracking.setup(wf.tracking, wf.name)
+    registered = wf.tracking.registered_model or wf.name
+    rows, chosen = [], None
+    with tracking.start(wf.tracking, name="sweep", stage="sweep") as run_id:
+        tracking.log_params(params)
+        tracking.log_text(config.to_yaml(wf), "workflow.yaml")
+        for sub, result, extraction_run in extracted:
+            data = load_layers(sub)
+            for row, head in sweep_backbone(wf, sub, data, extraction_run):
+                rows.append(row)
+                if chosen is None or rank(row) > rank(chosen[0]):
+                    chosen = (row, head, data[row["layer"]], sub, extraction_run)
+        best, head, data, sub, extraction_run = chosen
+        for row in rows:
+            row["chosen"] = row is best
+        with tracking.temp_dir() as tmp:
+            tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
+            tracking.log_file(curve_png(rows, os.path.join(tmp, "layer_val_accuracy.png")))
+        metrics = train.log_evaluation(head, data)  # the one and only look at test
+        out = SweepResult(run_id=run_id, link="", extractions=[r for _, r, _ in extracted], trials=rows, best=best,
+                          metrics=metrics, model=None, head_model="", seconds=0.0)
+        register(out, head, data, sub, registered=registered, extraction_run=extraction_run)
+    out.seconds = time.perf_counter() - started
+    out.link = tracking.run_link(run_id)
+    return out
+
+
+def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.FeatureData], extraction_run: str):
+    """Fit every layer × grid head of one backbone; log a child run per trial; yield (row, head)."""
+    s, t = wf.sweep, wf.train
+    first = next(iter(data.values()))
+    mlp = s.head == "mlp"
+    trials = probe.fit_heads(
+        {k: d.x["train"] for k, d in data.items()}, first.y["train"], {k: d.x["val"] for k, d in data.items()},
+        first.y["val"], classes=len(first.classes), lrs=s.lr, weight_decays=s.weight_decay,
+        hidden=t.hidden if mlp else [], dropout=t.dropout if mlp else 0.0, epochs=s.epochs,
+        batch_size=s.batch_size, patience=s.patience, label_smoothing=t.label_smoothing, seed=t.seed,
+    )
+    prov, order = first.provenance, list(data)
+    for trial in trials:
+        layer = data[trial.layer].layer
+        val = evaluate.metrics(evaluate.predict_proba(trial.head, data[trial.layer].x["val"]), first.y["val"])
+        row = {"backbone": prov["backbone"], "weights": sub.extract.weights, "layer": trial.layer,
+               "layer_index": order.index(trial.layer), "feature_dim": layer["dim"], "head": s.head,
+               "lr": trial.lr, "weight_decay": trial.weight_decay, "best_epoch": trial.epoch,
+               **{f"val/{k}": val[k] for k in KEY_METRICS if k in val}}
+        tags = {"ftl.backbone": prov["backbone"], "ftl.layer": trial.layer, "ftl.feature_set": prov["feature_set"],
+                "ftl.extraction_run": extraction_run or ""}
+        name = f"{prov['backbone']}-{trial.layer}-lr{trial.lr:g}-wd{trial.weight_decay:g}"
+        with tracking.child(name=name, stage="trial", tags=tags) as child_id:
+            tracking.log_params({k: row[k] for k in ("backbone", "weights", "layer", "layer_index", "feature_dim",
+                                                     "head", "lr", "weight_decay")}
+                                | {"epochs": s.epochs, "batch_size": s.batch_size, "rows": first.rows("train"),
+                                   "feature_set": prov["feature_set"]})
+            tracking.log_history_batch(trial.history)
+            tracking.log_metrics({k: v for k, v in row.items() if k.startswith("val/")} | {"best_epoch": trial.epoch})
+        row["run_id"] = child_id
+        yield row, trial.head
+
+
+def register(out: SweepResult, head, data: features.FeatureData, sub: Workflow, *, registered: str,
+             extraction_run: str) -> None:
+    """The chosen head and the composed image model, registered as `ftl train` does; best-trial tags on the parent."""
+    b, prov = out.best, data.provenance
+    lineage = {"ftl.backbone": prov["backbone"], "ftl.layer": data.layer["name"], "ftl.feature_set": prov["feature_set"],
+               "ftl.weights_sha256": prov["weights"]["sha256"], "ftl.extraction_run": extraction_run or ""}
+    result = train.TrainResult(run_id=out.run_id, link="", layer=data.layer["name"],
+                               rows={s: data.rows(s) for s in features.SPLITS}, metrics=out.metrics,
+                               best={"epoch": b["best_epoch"], "weight_decay": b["weight_decay"]}, model=None,
+                               head_model="", checkpoint="", seconds=0.0)
+    train.log_models(result, head, train.backbone_for(sub, prov), data, registered=registered,
+                     tags={**lineage, "ftl.sweep_run": out.run_id, "ftl.trial_run": b["run_id"]})
+    out.model, out.head_model, out.notes = result.model, result.head_model, result.notes
+    tracking.log_metrics({"best/val_accuracy": b["val/accuracy"], "trials": len(out.trials)})
+    tracking.set_tags({"ftl.best.backbone": b["backbone"], "ftl.best.weights": b["weights"], "ftl.best.layer": b["layer"],
+                       "ftl.best.lr": b["lr"], "ftl.best.weight_decay": b["weight_decay"],
+                       "ftl.best.trial_run": b["run_id"], "ftl.best.val_accuracy": b["val/accuracy"],
+                       "ftl.head_model": out.head_model, "ftl.image_model": out.model or ""})
+
+
+def write_table(rows: list[dict], path: str) -> str:
+    import pandas as pd
+
+    pd.DataFrame(rows).sort_values(["backbone", "weights", "layer_index", "lr", "weight_decay"]).to_csv(path, index=False)
+    return path
+
+
+def curve_png(rows: list[dict], path: str) -> str:
+    """Layer (in depth order) vs best val accuracy over the grid, one line per backbone and weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = SweepResult(run_id="", link="", extractions=[], trials=rows, best={}, metrics={}, model=None,
+                         head_model="", seconds=0.0)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (backbone, weights), layers in result.curve().items():
+        xs = range(1, len(layers) + 1)
+        ax.plot(xs, list(layers.values()), marker="o", label=f"{backbone} ({weights})")
+        for x, (name, acc) in zip(xs, layers.items()):
+            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("layer, early → late (stage index)")
+    ax.set_ylabel("best val accuracy over the grid")
+    ax.set_title("which layer? validation accuracy per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
