@@ -81,9 +81,15 @@ def taps(name: str) -> dict[str, str]:
 
 
 def head_prefix(model: nn.Module) -> str:
-    """Top-level name of the module holding the final Linear (fc, classifier, heads)."""
-    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    return last.split(".")[0]
+    """Top-level name of the module holding the final Linear (fc, classifier, heads).
+
+    Models whose classifier is a convolution (squeezenet) fall back to the last top-level
+    module with parameters.
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].split(".")[0]
+    return [n for n, m in model.named_children() if any(True for _ in m.parameters())][-1]
 
 
 def default_layer(name: str) -> str:
@@ -91,7 +97,9 @@ def default_layer(name: str) -> str:
     if name in PENULTIMATE:
         return PENULTIMATE[name]
     prefix = head_prefix(build(name))
-    return [n for n in taps(name) if not (n == prefix or n.startswith(prefix + "."))][-1]
+    points = list(taps(name))
+    first_head = next(i for i, n in enumerate(points) if n == prefix or n.startswith(prefix + "."))
+    return points[first_head - 1]  # what flows into the head
 
 
 def stage_layers(name: str, count: int = 5) -> list[str]:
