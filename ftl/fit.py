@@ -111,6 +111,24 @@ def train_loop(config: dict) -> dict:
     }
 
 
+class EarlyStopping:
+    """Keeps the head's state at its best val loss; says when patience has run out."""
+
+    def __init__(self, patience: int):
+        self.patience, self.waited, self.best_loss, self.state = patience, 0, math.inf, None
+
+    def update(self, head: nn.Module, val_loss: float) -> bool:
+        if val_loss < self.best_loss - 1e-5:
+            self.best_loss, self.waited, self.state = val_loss, 0, copy.deepcopy(head.state_dict())
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def best(self, head: nn.Module) -> dict:
+        # None only if the val loss was never finite: then the last state is all there is.
+        return self.state or copy.deepcopy(head.state_dict())
+
+
 def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
     """Minibatch AdamW, cosine schedule, early stopping on val loss; DDP across workers."""
     import ray.train.torch
@@ -128,7 +146,7 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     g = torch.Generator().manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
-    history, best_state, best_loss, waited = [], None, math.inf, 0
+    history, stop = [], EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(y), generator=g).to(x.device)
@@ -145,13 +163,9 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
         val_loss, val_acc = evaluate(head, xv, yv)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_acc, "lr": sched.get_last_lr()[0]})
-        if val_loss < best_loss - 1e-5:
-            best_loss, waited, best_state = val_loss, 0, copy.deepcopy(head.state_dict())
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
-    return history, best_state or copy.deepcopy(head.state_dict())  # None only if val loss was never finite
+        if stop.update(head, val_loss):
+            break
+    return history, stop.best(head)
 
 
 def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
@@ -178,7 +192,7 @@ def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
             reg.backward()
         return data.detach() + reg.detach()
 
-    history, best_state, best_loss, waited = [], None, math.inf, 0
+    history, stop = [], EarlyStopping(cfg.patience)
     head.train()
     for epoch in range(cfg.epochs):
         train_loss = float(opt.step(closure))
@@ -186,15 +200,11 @@ def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_acc, "lr": 1.0})
         head.train()
-        if val_loss < best_loss - 1e-5:
-            best_loss, waited, best_state = val_loss, 0, copy.deepcopy(head.state_dict())
-        else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
+        if stop.update(head, val_loss):
+            break
         if opt.state[next(head.parameters())].get("n_iter", 0) < (epoch + 1) * LBFGS_ITERS:
             break  # converged: L-BFGS stopped before its iteration budget
-    return history, best_state or copy.deepcopy(head.state_dict())  # None only if val loss was never finite
+    return history, stop.best(head)
 
 
 def ray_world() -> int:
