@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
@@ -209,6 +209,15 @@ def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult,
     return images, todo
 
 
+def threads_per_actor(actors: int) -> int:
+    """Share each node's cores among the actors it will hold, instead of each taking them all."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    per_node = -(-actors // max(1, len(cpus)))  # ceil: the busiest node
+    return max(1, int(min(cpus or [1]) // per_node))
+
+
 def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
              *, storage_options: dict):
     """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
@@ -216,6 +225,8 @@ def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: E
     from ray.data import ActorPoolStrategy
 
     device = "cuda" if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if device == "cpu" and spec.torch_threads is None and cfg.actors > 1:
+        spec = replace(spec, torch_threads=threads_per_actor(cfg.actors))
     ds = images.map_batches(
         decode.decode_batch,
         fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},
