@@ -84,11 +84,16 @@ def test_bomb_is_refused_before_decoding():
         decode.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
 
 
-def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys):
+def corpus_workflow(tmp_path, *, max_error_fraction: float):
+    """The corpus on disk and a workflow over it (random weights, small crop: decoding is the point)."""
     write_corpus(tmp_path / "corpus")
-    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
-                        extract={"output": str(tmp_path / "out"), "weights": "random",
-                                 "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": 0.5})
+    return write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
+                          extract={"output": str(tmp_path / "out"), "weights": "random",
+                                   "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": max_error_fraction})
+
+
+def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys):
+    wf = corpus_workflow(tmp_path, max_error_fraction=0.5)
     assert main(["extract", str(wf)]) == 0
     assert "listed 15 = 0 already done + 11 extracted + 4 quarantined" in capsys.readouterr().out
 
@@ -111,10 +116,7 @@ def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys):
 
 
 def test_max_error_fraction_fails_after_writing_quarantine(tmp_path, ray_runtime, capsys):
-    write_corpus(tmp_path / "corpus")
-    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
-                        extract={"output": str(tmp_path / "out"), "weights": "random",
-                                 "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": 0.2})
+    wf = corpus_workflow(tmp_path, max_error_fraction=0.2)
     assert main(["extract", str(wf)]) == 2
     err = capsys.readouterr().err
     assert "4 of 15 images were quarantined, over extract.max_error_fraction=0.2" in err
