@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import backbones, schema, weights
+from ftl import allocator, backbones, schema, weights
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Embedder:
 
     def __init__(self, spec: ModelSpec, prov: dict):
         self.device = pick_device(spec.device)
+        allocator.reuse_freed_memory()
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (often 1); on CPU the backbone
         # should use the cores, which decode tasks share (they are light next to the model).
         threads = spec.torch_threads or (len(os.sched_getaffinity(0)) if self.device == "cpu" else None)

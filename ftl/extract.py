@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
-from ftl import backbones, decode, incremental, schema, sources, storage, webdataset, weights
+from ftl import allocator, backbones, decode, incremental, schema, sources, storage, webdataset, weights
 from ftl.config import ExtractConfig, Workflow
 from ftl.embed import Embedder, ModelSpec
 from ftl.sink import FEATURES, QUARANTINE, feature_sink
@@ -240,5 +240,6 @@ def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: E
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.actors),
+        runtime_env={"env_vars": allocator.ENV},
         **actor_resources(cfg, device),
     )

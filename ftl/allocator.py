@@ -1,0 +1,36 @@
+"""Keep freed host memory in the process, so each batch's activations reuse the last one's pages.
+
+glibc serves large allocations (a batch of activations) with fresh `mmap`s, or from per-thread
+arenas that it shrinks on free, so every forward pass page-faults and zeroes hundreds of MiB
+again: on a 2-core machine that was half of all CPU time, spent in the kernel. One arena, no
+`mmap` and no trimming keep the pages; the process holds its peak working set, which the next
+batch needs anyway. Measured with mobilenet_v2 on 64-image batches: 1.43 s → 0.69 s per batch.
+
+Ray runs actor methods on a thread that has its own arena before any ftl code runs, so the
+actor gets these settings as environment variables at process start (`ENV`); `mallopt` serves
+code that runs on the main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_MAX = -4
+NEVER_TRIM = 2**31 - 1  # an int parameter: the largest it takes
+ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(NEVER_TRIM)}
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Tune glibc malloc for large, repeated tensor allocations; False where libc is not glibc."""
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # musl, macOS: no mallopt, nothing to tune
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
