@@ -56,17 +56,28 @@ class ExtractConfig(Strict):
     pooling: Literal["avg", "max", "avgmax"] = "avg"
     preprocess: PreprocessConfig = PreprocessConfig()
     feature_dtype: Literal["float32", "float16"] = "float32"
-    batch_size: int = Field(default=64, ge=1)
+    # Unset (None) settings below are chosen from the hardware the run finds: see ftl.tuning.
+    batch_size: int | None = Field(default=None, ge=1, description="images per forward; default: 256 on GPU, 64 on CPU")
     decode_batch_size: int = Field(default=64, ge=1)
     # Decode tasks must ask for other resources than the actors: Ray fuses a task stage into
     # an actor stage with identical asks, and decoding would then run serially in the actor.
     decode_cpus: float = Field(default=0.5, gt=0, description="CPU reserved per decode task")
-    actors: int = Field(default=1, ge=1, description="backbone actors in the pool")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="cpu: PIL in Ray CPU tasks; device: JPEGs batched through torchvision.io.decode_jpeg on the "
+        "backbone's device (nvJPEG on GPUs), other formats still on CPU; auto: device on GPUs, else cpu",
+    )
+    actors: int | None = Field(default=None, ge=1, description="backbone actors; default: one per GPU, else per node")
     actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
     torch_threads: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
+    compile: bool = Field(default=False, description="torch.compile the backbone: pays a compile per actor")
+    prefetch_batches: int | None = Field(default=None, ge=1, description="batches queued per actor; default: 4 GPU, 2 CPU")
+    concurrent_batches: int | None = Field(
+        default=None, ge=1, description="batches one actor works on at once, so copies overlap compute; default: 2 GPU, 1 CPU"
+    )
     max_error_fraction: float = Field(default=0.05, ge=0, le=1)
     max_image_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
     rows_per_file: int = Field(default=8192, ge=1)

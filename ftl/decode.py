@@ -85,25 +85,29 @@ def resize_crop(img: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
+def blobs(batch: pa.Table, storage_options: dict | None) -> tuple[list[bytes | Exception], np.ndarray]:
+    """Each row's bytes (or the error reading them), and which rows are already done."""
+    n = batch.num_rows
+    done = batch["done"].to_numpy(zero_copy_only=False) if "done" in batch.column_names else np.zeros(n, bool)
+    if "data" in batch.column_names:  # WebDataset: the bytes came inline from the shard
+        return batch["data"].to_pylist(), done
+    try:
+        return read_all(batch["uri"].to_pylist(), storage_options), done
+    except Exception as e:  # the whole request failed: every image of the batch is unreadable
+        return [e] * n, done
+
+
 def decode_batch(batch: pa.Table, *, pre: Preprocess, max_pixels: int, storage_options: dict | None) -> pa.Table:
     """A Ray Data batch of listed images → pixels, sizes, and per-row errors."""
-    uris = batch["uri"].to_pylist()
-    n = len(uris)
+    n = batch.num_rows
     pixels = np.zeros((n, pre.crop, pre.crop, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     # "" means no error: all-None object columns do not survive Ray's numpy→Arrow conversion.
     stage = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
-    done = batch["done"].to_numpy(zero_copy_only=False) if "done" in batch.column_names else np.zeros(n, bool)
-    if "data" in batch.column_names:  # WebDataset: the bytes came inline from the shard
-        blobs = batch["data"].to_pylist()
-    else:
-        try:
-            blobs = read_all(uris, storage_options)
-        except Exception as e:  # the whole request failed: every image of the batch is unreadable
-            blobs = [e] * n
-    for i, blob in enumerate(blobs):
+    data, done = blobs(batch, storage_options)
+    for i, blob in enumerate(data):
         if done[i]:  # already in the output: carried only to be counted
             stage[i] = "done"
             continue
@@ -116,8 +120,12 @@ def decode_batch(batch: pa.Table, *, pre: Preprocess, max_pixels: int, storage_o
             stage[i], error[i] = "decode", f"{type(e).__name__}: {e}"
     from ray.data.extensions import ArrowTensorArray  # here, so the pyfunc model needs no Ray to decode
 
-    return batch.select(["image_id", "uri", "label", "split"]).append_column(
+    return with_status(batch.select(["image_id", "uri", "label", "split"]).append_column(
         "pixels", ArrowTensorArray.from_numpy(pixels)
-    ).append_column("width", pa.array(width)).append_column("height", pa.array(height)).append_column(
-        "stage", pa.array(stage, pa.string())
-    ).append_column("error", pa.array(error, pa.string()))
+    ), width, height, stage, error)
+
+
+def with_status(table: pa.Table, width, height, stage, error) -> pa.Table:
+    return table.append_column("width", pa.array(width, pa.int32())).append_column(
+        "height", pa.array(height, pa.int32())
+    ).append_column("stage", pa.array(stage, pa.string())).append_column("error", pa.array(error, pa.string()))

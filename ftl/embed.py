@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import allocator, backbones, schema, weights
+from ftl import allocator, backbones, decode, device_decode, schema, weights
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ModelSpec:
     channels_last: bool | None = None
     torch_threads: int | None = None
     storage_options: dict | None = None
+    compile: bool = False
+    batch_size: int = 64  # with compile, short batches are padded to it: one graph, no recompiles
+    decode: str = "cpu"  # "device": batches carry JPEG bytes for device_decode
+    preprocess: decode.Preprocess | None = None  # needed by decode="device"
+    max_image_pixels: int = 89_478_485
 
 
 def pick_device(requested: str) -> str:
@@ -50,7 +56,11 @@ def build_tap(spec: ModelSpec, device: str) -> backbones.Tap:
     tap = backbones.Tap(model, list(spec.layers), pooling=spec.pooling, mean=spec.mean, std=spec.std,
                         channels_last=channels_last)
     tap = tap.to(device)
-    return tap.to(memory_format=torch.channels_last) if channels_last else tap
+    tap = tap.to(memory_format=torch.channels_last) if channels_last else tap
+    if spec.compile:
+        # Static shapes: every call gets a full batch (see Embedder.features), so one graph serves all.
+        tap.body = torch.compile(tap.body, dynamic=False)
+    return tap
 
 
 class Embedder:
@@ -66,23 +76,50 @@ class Embedder:
             torch.set_num_threads(threads)
         self.dtype = autocast_dtype(spec.precision, self.device)
         self.tap = build_tap(spec, self.device)
+        self.pad_to = spec.batch_size if spec.compile else None
+        self.decoder = (device_decode.DeviceDecoder(spec.preprocess, self.device, spec.max_image_pixels)
+                        if spec.decode == "device" else None)
         self.schema = schema.features(prov)
         self.columns = [(l["name"], l["column"], l["dim"]) for l in prov["layers"]]
         self.np_dtype = np.float16 if prov["feature_dtype"] == "float16" else np.float32
+        self.local = threading.local()  # a CUDA stream per thread when batches run concurrently
 
-    def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, H, W, 3) uint8 → {layer: (N, D)} on the host."""
-        x = torch.from_numpy(pixels)
-        if self.device == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+    def features(self, pixels: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """(N, H, W, 3) uint8, on the host or the device → {layer: (N, D)} on the host."""
+        x = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        if x.device.type != self.device:
+            x = device_decode.to_device(x, torch.device(self.device))
+        n = len(x)
+        if self.pad_to and n % self.pad_to:
+            x = torch.cat([x, x.new_zeros((self.pad_to - n % self.pad_to, *x.shape[1:]))])
         autocast = (torch.autocast(self.device, dtype=self.dtype) if self.dtype else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             out = self.tap(x)
-        return {k: v.float().cpu().numpy() for k, v in out.items()}
+        return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+
+    def stream(self):
+        """This thread's CUDA stream, so that two concurrent batches overlap copies and compute."""
+        if self.device != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self.local, "stream"):
+            self.local.stream = torch.cuda.Stream()
+        return torch.cuda.stream(self.local.stream)
+
+    def pixels(self, batch: dict[str, np.ndarray], ok: np.ndarray, stage: np.ndarray, error: np.ndarray):
+        """The ok rows' pixels; rows the device decoder could not decode are marked in place."""
+        if self.decoder is None:
+            return batch["pixels"][ok]
+        good, pixels, failed = self.decoder(batch, np.flatnonzero(ok))
+        for row, reason in failed.items():
+            ok[row], stage[row], error[row] = False, "decode", reason
+        return pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = (batch["error"] == "") & (batch["stage"] != "done")
-        feats = self.features(batch["pixels"][ok]) if ok.any() else {}
+        stage, error = batch["stage"].copy(), batch["error"].copy()
+        with self.stream():
+            pixels = self.pixels(batch, ok, stage, error) if ok.any() else []
+            feats = self.features(pixels) if len(pixels) else {}
         arrays = {
             "image_id": pa.array(batch["image_id"], pa.string()),
             "uri": pa.array(batch["uri"], pa.string()),
@@ -93,8 +130,8 @@ class Embedder:
         }
         for layer, col, dim in self.columns:
             arrays[col] = fixed_size_list(feats.get(layer), ok, dim, self.np_dtype)
-        arrays["stage"] = pa.array(batch["stage"], pa.string())
-        arrays["error"] = pa.array(batch["error"], pa.string())  # "" for rows that made it
+        arrays["stage"] = pa.array(stage, pa.string())
+        arrays["error"] = pa.array(error, pa.string())  # "" for rows that made it
         return pa.table(arrays)
 
 

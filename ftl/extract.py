@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
-from ftl import allocator, backbones, decode, incremental, schema, sources, storage, webdataset, weights
+from ftl import (allocator, backbones, decode, device_decode, incremental, schema, sources, storage, tuning,
+                 webdataset, weights)
 from ftl.config import ExtractConfig, Workflow
 from ftl.embed import Embedder, ModelSpec
 from ftl.sink import FEATURES, QUARANTINE, feature_sink
@@ -42,6 +43,7 @@ class ExtractResult:
     shards_skipped: int = 0  # WebDataset shards finished by an earlier run, not opened
     superseded: int = 0  # old rows of images that changed since they were extracted
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
+    settings: str = ""  # the hardware-dependent choices of this run (ftl.tuning)
 
     @property
     def images_per_second(self) -> float:
@@ -58,6 +60,8 @@ class ExtractResult:
             lines.append(f"shards finished by earlier runs, skipped unopened: {self.shards_skipped}")
         if self.gone:
             lines.append(f"gone from the source: {self.gone} (rows kept in the output)")
+        if self.settings:
+            lines.append(f"ran on {self.settings}")
         lines += [f"features:   {self.features_uri}", f"quarantine: {self.quarantine_uri}",
                   f"feature set {self.feature_set}: {self.provenance['backbone']} "
                   f"{[l['name'] for l in self.provenance['layers']]}"]
@@ -97,7 +101,8 @@ def plan(wf: Workflow) -> tuple[ModelSpec, dict, decode.Preprocess]:
     spec = ModelSpec(
         backbone=cfg.backbone, weights=ref, layers=tuple(layers), pooling=cfg.pooling, mean=pre.mean, std=pre.std,
         device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
-        torch_threads=cfg.torch_threads, storage_options=wf.storage.options or None,
+        torch_threads=cfg.torch_threads, storage_options=wf.storage.options or None, compile=cfg.compile,
+        preprocess=pre, max_image_pixels=cfg.max_image_pixels,
     )
     return spec, prov, pre
 
@@ -117,18 +122,6 @@ def claim_output(out: storage.Location, prov: dict) -> None:
     out.fs.makedirs(out.path, exist_ok=True)
     with out.fs.open(marker.path, "wb") as f:
         f.write(json.dumps(prov, indent=2, sort_keys=True).encode())
-
-
-def actor_resources(cfg: ExtractConfig, device: str) -> dict:
-    """CPU and GPU asks for each actor, leaving CPU for the decode tasks."""
-    import ray
-
-    if device == "cuda":
-        return {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
-    cpus = ray.cluster_resources().get("CPU", 1)
-    # Torch in the actor uses all cores regardless (see Embedder); the ask only has to leave
-    # room for decode tasks: on 2 cores, two actors at num_cpus=1 would starve decoding.
-    return {"num_cpus": cfg.actor_cpus or min(1.0, max(0.1, (cpus - cfg.decode_cpus) / cfg.actors))}
 
 
 def run(wf: Workflow) -> ExtractResult:
@@ -151,7 +144,9 @@ def run(wf: Workflow) -> ExtractResult:
         images, shards = listed_input(wf, out, result, ensure_ray), None
     if images is not None:
         sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file)
-        pipeline(images, spec, prov, pre, cfg, storage_options=wf.storage.options).write_datasink(sink)
+        tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster())
+        result.settings = tuned.describe()
+        pipeline(images, spec, prov, pre, cfg, storage_options=wf.storage.options, tuned=tuned).write_datasink(sink)
         result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
         if shards is not None:  # images inside shards are counted as they stream by
             result.already_done += sink.counts["done"]
@@ -209,37 +204,32 @@ def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult,
     return images, todo
 
 
-def threads_per_actor(actors: int) -> int:
-    """Share each node's cores among the actors it will hold, instead of each taking them all."""
-    import ray
-
-    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    per_node = -(-actors // max(1, len(cpus)))  # ceil: the busiest node
-    return max(1, int(min(cpus or [1]) // per_node))
-
-
 def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
-             *, storage_options: dict):
+             *, storage_options: dict, tuned: tuning.Tuning):
     """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
-    import ray
     from ray.data import ActorPoolStrategy
 
-    device = "cuda" if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    if device == "cpu" and spec.torch_threads is None and cfg.actors > 1:
-        spec = replace(spec, torch_threads=threads_per_actor(cfg.actors))
+    spec = replace(spec, torch_threads=tuned.torch_threads, batch_size=tuned.batch_size, decode=tuned.decode)
+    reader = device_decode.read_batch if tuned.decode == "device" else decode.decode_batch
     ds = images.map_batches(
-        decode.decode_batch,
+        reader,
         fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},
         batch_size=cfg.decode_batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
     )
+    remote_args = dict(tuned.actor_resources, runtime_env={"env_vars": allocator.ENV})
+    if tuned.device == "cpu" and tuned.actors > 1:
+        remote_args["scheduling_strategy"] = "SPREAD"  # one actor per node is what torch_threads assumes
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"spec": spec, "prov": prov},
-        batch_size=cfg.batch_size,
+        batch_size=tuned.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.actors),
-        runtime_env={"env_vars": allocator.ENV},
-        **actor_resources(cfg, device),
+        compute=ActorPoolStrategy(
+            size=tuned.actors, max_tasks_in_flight_per_actor=tuned.prefetch_batches,
+            max_concurrent_calls_per_actor=tuned.concurrent_batches,
+            enable_true_multi_threading=tuned.concurrent_batches > 1,
+        ),
+        **remote_args,
     )
