@@ -60,7 +60,7 @@ def route(blob: bytes, pre: decode.Preprocess, max_pixels: int) -> tuple[bytes, 
     width, height = img.size
     if width * height > max_pixels:
         raise decode.TooLarge(f"{width}x{height} pixels exceeds extract.max_image_pixels={max_pixels}")
-    if img.format == "JPEG" and img.mode in DEVICE_MODES:
+    if img.format == "JPEG" and img.mode in DEVICE_MODES and complete(blob):
         orientation = img.getexif().get(0x0112, 1)
         orientation = orientation if orientation in range(1, 9) else 1
         if orientation in (5, 6, 7, 8):
@@ -68,6 +68,12 @@ def route(blob: bytes, pre: decode.Preprocess, max_pixels: int) -> tuple[bytes, 
         return blob, b"", orientation, width, height
     pixels, width, height = decode.decode_one(blob, pre, max_pixels=max_pixels)
     return b"", pixels.tobytes(), 1, width, height
+
+
+def complete(jpeg: bytes) -> bool:
+    """Ends in an EOI marker (padding aside). Decoders differ on cut-off files: some fill the
+    rest with grey. PIL refuses them, so they go to PIL, which quarantines them as truncated."""
+    return jpeg.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
 class DeviceDecoder:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ftl import decode, incremental, sources, storage, tracking
+from ftl import allocator, decode, incremental, sources, storage, tracking
 from ftl.config import SourceConfig, TrackingConfig
 from ftl.sink import QUARANTINE, SplitSink
 
@@ -117,7 +117,7 @@ def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batc
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": model_uri, "k": k,
                                                               "tracking_uri": tracking_uri},
                             batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-                            num_cpus=max(0.5, min(1.0, cpus - 1)))
+                            num_cpus=max(0.5, min(1.0, cpus - 1)), runtime_env={"env_vars": allocator.ENV})
         sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=8192,
                          quarantine_from={"label": "true_label"})
         ds.write_datasink(sink)

@@ -167,7 +167,8 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
             "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"]}
     with start(cfg, name=f"extract-{prov['backbone']}", stage="extract", tags=tags) as run_id:
         log_params({**params, "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"],
-                    "layers": ",".join(l["name"] for l in prov["layers"]), "output": result.output})
+                    "layers": ",".join(l["name"] for l in prov["layers"]), "output": result.output,
+                    **({"ran_on": result.settings} if result.settings else {})})
         log_metrics({"listed": result.listed, "already_done": result.already_done, "extracted": result.ok,
                      "quarantined": result.quarantined, "images_per_second": result.images_per_second,
                      "seconds": result.seconds})

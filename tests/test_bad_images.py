@@ -84,18 +84,22 @@ def test_bomb_is_refused_before_decoding():
         decode.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
 
 
-def corpus_workflow(tmp_path, *, max_error_fraction: float):
+def corpus_workflow(tmp_path, *, max_error_fraction: float, decode: str = "auto"):
     """The corpus on disk and a workflow over it (random weights, small crop: decoding is the point)."""
     write_corpus(tmp_path / "corpus")
     return write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "corpus")},
-                          extract={"output": str(tmp_path / "out"), "weights": "random",
+                          extract={"output": str(tmp_path / "out"), "weights": "random", "decode": decode,
                                    "preprocess": {"resize": 64, "crop": 64}, "max_error_fraction": max_error_fraction})
 
 
-def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys):
-    wf = corpus_workflow(tmp_path, max_error_fraction=0.5)
+# "device" is the GPU path (JPEG bytes to the actor, torchvision.io there), here on the CPU.
+@pytest.mark.parametrize("decode_on", ["cpu", "device"])
+def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys, decode_on):
+    wf = corpus_workflow(tmp_path, max_error_fraction=0.5, decode=decode_on)
     assert main(["extract", str(wf)]) == 0
-    assert "listed 15 = 0 already done + 11 extracted + 4 quarantined" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "listed 15 = 0 already done + 11 extracted + 4 quarantined" in out
+    assert f"decode by {'PIL in CPU tasks' if decode_on == 'cpu' else 'torchvision.io on cpu'}" in out
 
     feats = pd.read_parquet(tmp_path / "out" / "features")
     quarantine = pd.read_parquet(tmp_path / "out" / "quarantine")
