@@ -40,7 +40,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", nargs="*", default=[], help="default: the penultimate layer")
     p.add_argument("--images", type=int, default=1000, help="N")
     p.add_argument("--image-size", type=int, default=500, help="JPEG width; height is 3/4 of it")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: ftl's choice, 256 on GPU, 64 on CPU")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"], help="ftl's extract.decode")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, in ftl and the ceiling")
     p.add_argument("--loader-workers", type=int, default=CORES, help="DataLoader workers of the plain loop")
     p.add_argument("--scale-check", action="store_true", help="also run ftl on 10N images and compare peak memory")
     p.add_argument("--no-warm", action="store_true", help="skip ftl's second (warm) run")
@@ -58,7 +61,8 @@ def workflow(args, root: Path, n: int, output: str) -> config.Workflow:
         "name": "bench",
         "source": {"uri": str(root), "format": "imagefolder", "limit": n},
         "extract": {"output": output, "backbone": args.backbone, "weights": args.weights, "layers": args.layers,
-                    "batch_size": args.batch_size, "device": args.device},
+                    "batch_size": args.batch, "device": args.device, "decode": args.decode,
+                    "precision": args.precision, "compile": args.compile},
     }
     for item in args.set:
         config.apply_override(data, item)
@@ -75,7 +79,8 @@ def run_ftl(wf: config.Workflow, spans: c.Spans) -> dict:
     done = result.ok + result.quarantined
     assert done == wf.source.limit, f"ftl processed {done} of {wf.source.limit} images: {result.summary()}"
     return {"n": done, "seconds": seconds, "rss": mem.peak_rss, "pss": mem.peak_pss, "at_peak": mem.at_peak,
-            "phases": dict(spans.seconds), "ds": spans.returned.get("pipeline"), "output": result.features_uri}
+            "phases": dict(spans.seconds), "ds": spans.returned.get("pipeline"), "output": result.features_uri,
+            "settings": result.settings}
 
 
 def autocast(spec: embed.ModelSpec, device: str):
@@ -95,7 +100,7 @@ def run_plain(paths: list[str], spec, prov: dict, pre, args, device: str, out: P
         tap = embed.build_tap(spec, device)
         loaded = time.perf_counter() - started
         loader = torch.utils.data.DataLoader(
-            c.JpegFiles(paths, pre), batch_size=args.batch_size, num_workers=args.loader_workers,
+            c.JpegFiles(paths, pre), batch_size=args.batch, num_workers=args.loader_workers,
             worker_init_fn=c.one_thread, pin_memory=device == "cuda",
             prefetch_factor=4 if args.loader_workers else None,
         )
@@ -126,7 +131,7 @@ def run_ceiling(paths: list[str], spec, pre, args, device: str, unique: int = 25
     allocator.reuse_freed_memory()
     torch.set_num_threads(CORES)
     tap = embed.build_tap(spec, device)
-    bs = args.batch_size
+    bs = args.batch
     batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]
     with c.MemorySampler() as mem, torch.inference_mode():
         with autocast(spec, device):
@@ -176,6 +181,7 @@ def main() -> None:
         spans.wrap(module, name, label)
     torch.set_num_threads(CORES)
     device = embed.pick_device(args.device)
+    args.batch = args.batch_size or (256 if device == "cuda" else 64)  # ftl's own default, for all three runs
     rows = []
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp:
         t = time.perf_counter()
@@ -213,7 +219,8 @@ def main() -> None:
     rate = lambda r: r["n"] / r["seconds"]  # noqa: E731
     print(f"\n{args.backbone} weights={args.weights} layers={[l['name'] for l in prov['layers']]} "
           f"device={device} images={n} {args.image_size}x{args.image_size * 3 // 4} JPEG -> crop {pre.crop} "
-          f"batch={args.batch_size} cores={CORES} torch threads={CORES} loader workers={args.loader_workers}")
+          f"batch={args.batch} cores={CORES} torch threads={CORES} loader workers={args.loader_workers}")
+    print(f"ftl ran on {a['settings']}")
     print(f"\n{'run':<30}{'images':>8}{'seconds':>10}{'img/s':>9}{'peak RSS':>12}{'peak PSS':>12}")
     for name, r in rows:
         print(f"{name:<30}{r['n']:>8}{r['seconds']:>10.2f}{rate(r):>9.1f}{gib(r['rss']):>12}{gib(r['pss']):>12}")
@@ -247,6 +254,11 @@ def main() -> None:
     ab, ac = rate(a) / rate(b), rate(a) / rate(cc)
     summary = f"a/b={ab:.2f} (target >= 1.0)  a/c={ac:.2f} (target >= 0.85)"
     if args.scale_check:
+        # Two sizes give ftl's fixed cost (actor start, model load) and its streaming rate apart.
+        marginal = (big["n"] - small["n"]) / (big["seconds"] - small["seconds"])
+        fixed = small["seconds"] - small["n"] / marginal
+        print(f"\nftl streaming rate, from N to 10N: {marginal:.1f} img/s = {marginal / rate(b):.2f}x the plain loop, "
+              f"{marginal / rate(cc):.2f}x the ceiling; fixed cost per run {fixed:.1f}s")
         summary += (f"  peak RSS 10N/N={big['rss'] / small['rss']:.2f} PSS 10N/N={big['pss'] / small['pss']:.2f}"
                     f" (target <= 1.2)")
     print(f"\nsummary: {rate(a):.1f} img/s ftl, {rate(b):.1f} plain loop, {rate(cc):.1f} ceiling; {summary}")

@@ -78,6 +78,9 @@ class ExtractConfig(Strict):
     concurrent_batches: int | None = Field(
         default=None, ge=1, description="batches one actor works on at once, so copies overlap compute; default: 2 GPU, 1 CPU"
     )
+    buffer_mib: int | None = Field(
+        default=None, ge=64, description="object store for blocks in flight; default: sized from batches and actors"
+    )
     max_error_fraction: float = Field(default=0.05, ge=0, le=1)
     max_image_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
     rows_per_file: int = Field(default=8192, ge=1)

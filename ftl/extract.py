@@ -9,6 +9,7 @@ Images already in either folder are skipped, so a rerun does only what is missin
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -207,7 +208,7 @@ def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult,
 def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
              *, storage_options: dict, tuned: tuning.Tuning):
     """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, ExecutionResources
 
     spec = replace(spec, torch_threads=tuned.torch_threads, batch_size=tuned.batch_size, decode=tuned.decode)
     reader = device_decode.read_batch if tuned.decode == "device" else decode.decode_batch
@@ -221,7 +222,7 @@ def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: E
     remote_args = dict(tuned.actor_resources, runtime_env={"env_vars": allocator.ENV})
     if tuned.device == "cpu" and tuned.actors > 1:
         remote_args["scheduling_strategy"] = "SPREAD"  # one actor per node is what torch_threads assumes
-    return ds.map_batches(
+    ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"spec": spec, "prov": prov},
         batch_size=tuned.batch_size,
@@ -233,3 +234,8 @@ def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: E
         ),
         **remote_args,
     )
+    # A copy: the options object may be shared with DataContext.get_current() and later datasets.
+    options = copy.copy(ds.context.execution_options)
+    options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)
+    ds.context.execution_options = options
+    return ds

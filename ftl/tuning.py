@@ -35,11 +35,13 @@ class Tuning:
     concurrent_batches: int
     torch_threads: int | None  # None: the Embedder uses every core it may
     actor_resources: dict
+    buffer_bytes: int  # object store that blocks in flight may take: the pipeline's memory bound
 
     def describe(self) -> str:
         decoder = {"cpu": "PIL in CPU tasks", "device": f"torchvision.io on {self.device}"}[self.decode]
         return (f"{self.device}: {self.actors} actor(s) x batch {self.batch_size}, decode by {decoder}, "
-                f"{self.prefetch_batches} batches queued and {self.concurrent_batches} in flight per actor")
+                f"{self.prefetch_batches} batches queued and {self.concurrent_batches} in flight per actor, "
+                f"{self.buffer_bytes / 2**20:.0f} MiB of blocks in flight at most")
 
 
 def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
@@ -65,7 +67,22 @@ def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
         concurrent_batches=cfg.concurrent_batches or (2 if gpu else 1),
         torch_threads=threads,
         actor_resources=actor_resources(cfg, gpu, actors, sum(hw.node_cpus)),
+        buffer_bytes=buffer_bytes(cfg, actors, cfg.batch_size or (256 if gpu else 64),
+                                  cfg.prefetch_batches or (4 if gpu else 2), cfg.concurrent_batches or (2 if gpu else 1)),
     )
+
+
+def buffer_bytes(cfg: ExtractConfig, actors: int, batch: int, prefetch: int, concurrent: int) -> int:
+    """Room for every actor's queued and running batches, twice over, and never under 256 MiB.
+
+    Decoding outruns the model, and without a bound Ray Data keeps decoding into the object
+    store until half of it is full: peak memory then grows with the dataset. This bound keeps
+    the queues just deep enough to never starve an actor.
+    """
+    if cfg.buffer_mib:
+        return cfg.buffer_mib * 2**20
+    crop = cfg.preprocess.crop or 224
+    return max(256 * 2**20, 2 * actors * (prefetch + concurrent) * batch * crop * crop * 3)
 
 
 def actor_resources(cfg: ExtractConfig, gpu: bool, actors: int, cpus: float) -> dict:
