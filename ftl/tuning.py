@@ -36,23 +36,26 @@ class Tuning:
     torch_threads: int | None  # None: the Embedder uses every core it may
     actor_resources: dict
     buffer_bytes: int  # object store that blocks in flight may take: the pipeline's memory bound
+    waits_for_gpus: bool = False
 
     def describe(self) -> str:
         decoder = {"cpu": "PIL in CPU tasks", "device": f"torchvision.io on {self.device}"}[self.decode]
         return (f"{self.device}: {self.actors} actor(s) x batch {self.batch_size}, decode by {decoder}, "
                 f"{self.prefetch_batches} batches queued and {self.concurrent_batches} in flight per actor, "
-                f"{self.buffer_bytes / 2**20:.0f} MiB of blocks in flight at most")
+                f"{self.buffer_bytes / 2**20:.0f} MiB of blocks in flight at most"
+                + (" (no GPU in the cluster yet: the actors wait for the autoscaler to add GPU nodes)"
+                   if self.waits_for_gpus else ""))
 
 
 def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
     """Fill every unset extraction setting from `hw`; pinned settings are kept as they are."""
-    if cfg.device == "cuda" and not hw.gpus:
-        raise RuntimeError("extract.device=cuda but the Ray cluster has no GPU; use device=auto or cpu")
-    device = "cuda" if cfg.device != "cpu" and hw.gpus else "cpu"
+    # device=cuda with no GPU in the cluster yet: the actors ask for one, and an autoscaling
+    # cluster (cluster.yaml's gpu_spot workers start at 0) adds GPU nodes for them.
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and hw.gpus) else "cpu"
     gpu = device == "cuda"
     # One actor per GPU: a GPU with two actors holds two models and gains nothing. On CPUs one
     # actor per node uses the node's cores through torch's threads with one copy of the model.
-    actors = cfg.actors or (hw.gpus if gpu else max(1, len(hw.node_cpus)))
+    actors = cfg.actors or (max(1, hw.gpus) if gpu else max(1, len(hw.node_cpus)))
     threads = cfg.torch_threads
     if not gpu and threads is None and actors > 1:
         threads = threads_per_actor(actors, hw.node_cpus)
@@ -67,6 +70,7 @@ def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
         concurrent_batches=cfg.concurrent_batches or (2 if gpu else 1),
         torch_threads=threads,
         actor_resources=actor_resources(cfg, gpu, actors, sum(hw.node_cpus)),
+        waits_for_gpus=gpu and not hw.gpus,
         buffer_bytes=buffer_bytes(cfg, actors, cfg.batch_size or (256 if gpu else 64),
                                   cfg.prefetch_batches or (4 if gpu else 2), cfg.concurrent_batches or (2 if gpu else 1)),
     )

@@ -1,7 +1,5 @@
 """Hardware-chosen extraction settings: what a GPU cluster, a CPU cluster and pinned settings get."""
 
-import pytest
-
 from ftl.config import ExtractConfig
 from ftl.tuning import Hardware, resolve
 
@@ -37,6 +35,8 @@ def test_pinned_settings_win_over_hardware():
         "cpu", 2, 32, "device", 1, 3)
 
 
-def test_cuda_without_a_gpu_says_what_to_do():
-    with pytest.raises(RuntimeError, match="no GPU; use device=auto or cpu"):
-        resolve(cfg(device="cuda"), Hardware(gpus=0, node_cpus=(8,)))
+def test_cuda_before_the_autoscaler_adds_gpus_asks_for_them_and_says_so():
+    t = resolve(cfg(device="cuda"), Hardware(gpus=0, node_cpus=(8,)))
+    assert (t.device, t.actors, t.actor_resources["num_gpus"]) == ("cuda", 1, 1)
+    assert "the actors wait for the autoscaler to add GPU nodes" in t.describe()
+    assert resolve(cfg(), Hardware(gpus=0, node_cpus=(8,))).device == "cpu"  # auto never waits for a GPU
