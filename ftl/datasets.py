@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's package puts the IDX files; elsewhere (a machine without apt) point the variable at a copy.
+FASHION_MNIST = Path(os.environ.get("FTL_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 

