@@ -59,20 +59,22 @@ def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
     threads = cfg.torch_threads
     if not gpu and threads is None and actors > 1:
         threads = threads_per_actor(actors, hw.node_cpus)
+    batch = cfg.batch_size or (256 if gpu else 64)
+    # On GPUs a second call assembles and copies its batch while the first runs on the GPU,
+    # and the next batches wait in the actor, so the GPU never waits for its input.
+    concurrent = cfg.concurrent_batches or (2 if gpu else 1)
+    prefetch = max(cfg.prefetch_batches or (4 if gpu else 2), concurrent)  # a call needs a batch to work on
     return Tuning(
         device=device,
         actors=actors,
-        batch_size=cfg.batch_size or (256 if gpu else 64),
+        batch_size=batch,
         decode=cfg.decode if cfg.decode != "auto" else ("device" if gpu else "cpu"),
-        # On GPUs the next batches wait in the actor while one computes, and a second call
-        # assembles and copies its batch while the first runs on the GPU.
-        prefetch_batches=cfg.prefetch_batches or (4 if gpu else 2),
-        concurrent_batches=cfg.concurrent_batches or (2 if gpu else 1),
+        prefetch_batches=prefetch,
+        concurrent_batches=concurrent,
         torch_threads=threads,
         actor_resources=actor_resources(cfg, gpu, actors, sum(hw.node_cpus)),
         waits_for_gpus=gpu and not hw.gpus,
-        buffer_bytes=buffer_bytes(cfg, actors, cfg.batch_size or (256 if gpu else 64),
-                                  cfg.prefetch_batches or (4 if gpu else 2), cfg.concurrent_batches or (2 if gpu else 1)),
+        buffer_bytes=buffer_bytes(cfg, actors, batch, prefetch, concurrent),
     )
 
 

@@ -29,10 +29,13 @@ def test_cpu_cluster_gets_an_actor_per_node_sharing_its_cores():
 
 
 def test_pinned_settings_win_over_hardware():
-    t = resolve(cfg(device="cpu", batch_size=32, decode="device", actors=2, prefetch_batches=1,
-                    concurrent_batches=3), Hardware(gpus=4, node_cpus=(64,)))
+    t = resolve(cfg(device="cpu", batch_size=32, decode="device", actors=2, prefetch_batches=5,
+                    concurrent_batches=3, buffer_mib=100), Hardware(gpus=4, node_cpus=(64,)))
     assert (t.device, t.actors, t.batch_size, t.decode, t.prefetch_batches, t.concurrent_batches) == (
-        "cpu", 2, 32, "device", 1, 3)
+        "cpu", 2, 32, "device", 5, 3)
+    assert t.buffer_bytes == 100 * 2**20
+    # Fewer batches queued than run at once would leave calls idle: the queue is raised to match.
+    assert resolve(cfg(prefetch_batches=1, concurrent_batches=3), Hardware(gpus=1, node_cpus=(8,))).prefetch_batches == 3
 
 
 def test_cuda_before_the_autoscaler_adds_gpus_asks_for_them_and_says_so():
