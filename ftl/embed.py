@@ -109,7 +109,7 @@ class Embedder:
         """The ok rows' pixels; rows the device decoder could not decode are marked in place."""
         if self.decoder is None:
             return batch["pixels"][ok]
-        good, pixels, failed = self.decoder(batch, np.flatnonzero(ok))
+        _, pixels, failed = self.decoder(batch, np.flatnonzero(ok))
         for row, reason in failed.items():
             ok[row], stage[row], error[row] = False, "decode", reason
         return pixels
