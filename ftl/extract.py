@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-import pyarrow as pa
 
 from ftl import (allocator, backbones, decode, device_decode, incremental, schema, sources, storage, tuning,
                  webdataset, weights)

@@ -27,9 +27,9 @@ def jpeg(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def fmnist_photo(fmnist, i: int = 0, size=(90, 60)) -> Image.Image:
+def fmnist_photo(digits, i: int = 0, size=(90, 60)) -> Image.Image:
     """A real Fashion-MNIST image, upscaled to a non-square RGB picture with a colour gradient."""
-    gray = np.asarray(Image.fromarray(fmnist[i]).resize(size, Image.Resampling.BILINEAR))
+    gray = np.asarray(Image.fromarray(digits[i]).resize(size, Image.Resampling.BILINEAR))
     ramp = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :].repeat(size[1], 0)
     return Image.fromarray(np.stack([gray, ramp, 255 - gray], -1))
 
@@ -51,7 +51,7 @@ def decode_on_device(blobs: list[bytes]):
 
 
 @pytest.fixture(scope="module")
-def fmnist() -> np.ndarray:
+def digits() -> np.ndarray:
     """The first real Fashion-MNIST test images, 28 x 28 uint8."""
     from ftl import datasets
 
@@ -59,8 +59,8 @@ def fmnist() -> np.ndarray:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_matches_pil(fmnist, orientation):
-    img = fmnist_photo(fmnist)
+def test_exif_orientation_matches_pil(digits, orientation):
+    img = fmnist_photo(digits)
     exif = img.getexif()
     exif[0x0112] = orientation
     blob = jpeg(img, exif=exif)
@@ -75,8 +75,8 @@ def test_exif_orientation_matches_pil(fmnist, orientation):
         assert np.abs(plain.astype(int) - expected.astype(int)).mean() > 3 * diff
 
 
-def test_mixed_batch_falls_back_and_quarantines(fmnist):
-    photo = fmnist_photo(fmnist, 3)
+def test_mixed_batch_falls_back_and_quarantines(digits):
+    photo = fmnist_photo(digits, 3)
     whole = jpeg(photo)
     cut = whole[: len(whole) // 2]
     blobs = {
@@ -105,11 +105,11 @@ def test_mixed_batch_falls_back_and_quarantines(fmnist):
         assert np.abs(got.astype(int) - expected.astype(int)).mean() < 6, name
 
 
-def test_device_failure_is_retried_per_image_then_on_pil(fmnist):
+def test_device_failure_is_retried_per_image_then_on_pil(digits):
     """One bad JPEG fails a batched decode; the others still come from the device, the bad one from PIL or quarantine."""
     from torchvision.io import decode_jpeg
 
-    good = [jpeg(fmnist_photo(fmnist, i)) for i in range(3)]
+    good = [jpeg(fmnist_photo(digits, i)) for i in range(3)]
     # APP0's marker turned into 0xFFFC: PIL still reads the header, so it goes to the device, where it fails.
     bad = good[0][:3] + b"\xfc" + good[0][4:]
     batch = as_batch([good[0], bad, good[1], good[2]])
@@ -138,8 +138,8 @@ def fmnist_spec():
     return extract.plan(wf)
 
 
-def model_batch(fmnist, pre: decode.Preprocess, n: int) -> dict[str, np.ndarray]:
-    blobs = [jpeg(fmnist_photo(fmnist, i, size=(128, 96))) for i in range(n)]
+def model_batch(digits, pre: decode.Preprocess, n: int) -> dict[str, np.ndarray]:
+    blobs = [jpeg(fmnist_photo(digits, i, size=(128, 96))) for i in range(n)]
     return as_batch(blobs, pre)
 
 
@@ -147,9 +147,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_embedder_device_decode_matches_cpu_decode_in_every_precision(fmnist, fmnist_spec):
+def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fmnist_spec):
     pre = fmnist_spec[2]
-    batch = model_batch(fmnist, pre, 10)
+    batch = model_batch(digits, pre, 10)
     column = fmnist_spec[1]["layers"][0]["column"]
     device = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
     assert device["error"].to_pylist() == [""] * 10
@@ -164,9 +164,9 @@ def test_embedder_device_decode_matches_cpu_decode_in_every_precision(fmnist, fm
     assert c.dtype == np.float32 and cosine(a, c).min() > 0.97
 
 
-def test_compiled_backbone_pads_short_batches_and_agrees(fmnist, fmnist_spec):
+def test_compiled_backbone_pads_short_batches_and_agrees(digits, fmnist_spec):
     pre = fmnist_spec[2]
-    batch = model_batch(fmnist, pre, 5)
+    batch = model_batch(digits, pre, 5)
     column = fmnist_spec[1]["layers"][0]["column"]
     eager = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
     compiled = embedder(fmnist_spec, decode="device", preprocess=pre, compile=True, batch_size=8)(batch)
