@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ftl import datasets, decode
+from ftl import datasets
+from ftl.model import imaging
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -131,7 +132,7 @@ def image_id(path: str) -> str:
     return hashlib.blake2b(f"{path}\nsize:{st.st_size}:mtime:{st.st_mtime}".encode(), digest_size=16).hexdigest()
 
 
-def load_pil(path: str, pre: decode.Preprocess) -> tuple[np.ndarray, int, int]:
+def load_pil(path: str, pre: imaging.Preprocess) -> tuple[np.ndarray, int, int]:
     """What a careful hand-written loader does: PIL decode (JPEG draft), shorter side to resize, centre crop."""
     img = Image.open(path)
     width, height = img.size
@@ -149,7 +150,7 @@ def load_pil(path: str, pre: decode.Preprocess) -> tuple[np.ndarray, int, int]:
 class JpegFiles(torch.utils.data.Dataset):
     """Image files of an imagefolder → (uint8 HWC pixels, width, height, index)."""
 
-    def __init__(self, paths: list[str], pre: decode.Preprocess):
+    def __init__(self, paths: list[str], pre: imaging.Preprocess):
         self.paths, self.pre = paths, pre
 
     def __len__(self) -> int:

@@ -26,8 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-from ftl import allocator, config, decode, embed, extract, incremental, schema, sources  # noqa: E402
-from ftl.ray_runtime import ensure_ray  # noqa: E402
+from ftl import config
+from ftl.extract import embed
+from ftl.extract import stage as extract
+from ftl.io import incremental, schema
+from ftl.model import imaging
+from ftl.pipeline import allocator
+from ftl.pipeline.runtime import ensure_ray  # noqa: E402
+from ftl.sources import listing
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -124,7 +130,7 @@ def run_plain(paths: list[str], spec, prov: dict, pre, args, device: str, out: P
 def run_ceiling(paths: list[str], spec, pre, args, device: str, unique: int = 256) -> dict:
     """The same Tap on uint8 batches already decoded in memory; `unique` images are cycled to reach N."""
     cfg = extract.ExtractConfig(output="-")
-    images = [decode.decode_one(Path(p).read_bytes(), pre, max_pixels=cfg.max_image_pixels)[0]
+    images = [imaging.decode_one(Path(p).read_bytes(), pre, max_pixels=cfg.max_image_pixels)[0]
               for p in paths[:unique]]
     pixels = torch.from_numpy(np.stack(images)).to(device)
     # ftl's actors start with these malloc settings; the ceiling gets them too, so it stays a ceiling.
@@ -148,12 +154,12 @@ def run_ceiling(paths: list[str], spec, pre, args, device: str, unique: int = 25
 
 
 def decode_rate(paths: list[str], pre, sample: int = 64) -> float:
-    """Seconds per image of ftl.decode.decode_one on one core, file bytes already read."""
+    """Seconds per image of ftl.imaging.decode_one on one core, file bytes already read."""
     blobs = [Path(p).read_bytes() for p in paths[:sample]]
     limit = extract.ExtractConfig(output="-").max_image_pixels
     t = time.perf_counter()
     for b in blobs:
-        decode.decode_one(b, pre, max_pixels=limit)
+        imaging.decode_one(b, pre, max_pixels=limit)
     return (time.perf_counter() - t) / len(blobs)
 
 
@@ -175,7 +181,7 @@ def main() -> None:
     spans = c.Spans()
     for module, name, label in [(extract, "plan", "plan (weights, layers)"),
                                 (extract, "claim_output", "claim output"),
-                                (sources, "list_images", "listing"),
+                                (listing, "list_images", "listing"),
                                 (incremental, "diff", "diff against the output"),
                                 (extract, "pipeline", "pipeline")]:
         spans.wrap(module, name, label)

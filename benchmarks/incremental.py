@@ -29,8 +29,11 @@ import ray.data
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-from ftl import config, datasets, extract, incremental, sources, storage  # noqa: E402
-from ftl.ray_runtime import ensure_ray  # noqa: E402
+from ftl import config, datasets
+from ftl.extract import stage as extract
+from ftl.io import incremental, storage
+from ftl.pipeline.runtime import ensure_ray  # noqa: E402
+from ftl.sources import listing  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -104,7 +107,7 @@ def extract_runs(args, tmp: Path) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     print(f"ray start: {time.perf_counter() - t:.1f}s (not in any run below)")
     spans = c.Spans()  # where a rerun's seconds go, timed by wrapping ftl's own steps in this process
-    for module, name, label in [(extract, "plan", "plan (model, weights sha256)"), (sources, "list_images", "listing"),
+    for module, name, label in [(extract, "plan", "plan (model, weights sha256)"), (listing, "list_images", "listing"),
                                 (incremental, "diff", "diff"), (extract, "pipeline", "build plan")]:
         spans.wrap(module, name, label)
     wf, rows = workflow(args, root, tmp / "out"), []
@@ -130,7 +133,7 @@ def extract_runs(args, tmp: Path) -> None:
 # --- part 2: driver memory of incremental.diff -------------------------------------------------------
 
 def hex_ids(n: int, rng: np.random.Generator) -> pa.Array:
-    """n random 32-hex ids: the form of sources.image_id (a 16-byte blake2b digest in hex)."""
+    """n random 32-hex ids: the form of listing.image_id (a 16-byte blake2b digest in hex)."""
     raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
     chars = np.stack([HEX[raw >> 4], HEX[raw & 15]], axis=-1).reshape(n, 32)
     return pa.array(chars.copy().view("S32").ravel()).cast(pa.string())
@@ -156,14 +159,14 @@ def synthetic(folder: Path, n: int, new: int, rows_per_part: int) -> None:
         pq.write_table(part, folder / "out" / "features" / f"part-{k:06d}.parquet")
     label = CLASSES.take(pa.array(np.arange(n + new) % 10))
     split = pa.array(np.full(n + new, "train", dtype=object), pa.string())
-    listing = pa.Table.from_arrays([ids, uri, label, split], schema=sources.LISTING)
-    pq.write_table(listing, folder / "listing.parquet")
+    table = pa.Table.from_arrays([ids, uri, label, split], schema=listing.LISTING)
+    pq.write_table(table, folder / "listing.parquet")
 
 
 def diff_child(folder: str) -> None:
     """Fresh process: load the listing, then the peak RSS above that while diff runs."""
     listing_rss = rss()
-    listing = pq.read_table(Path(folder) / "listing.parquet")
+    table = pq.read_table(Path(folder) / "listing.parquet")
     gc.collect()
     base, base_max = rss(), maxrss()
     peak, stop = [base], threading.Event()
@@ -175,14 +178,14 @@ def diff_child(folder: str) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t = time.perf_counter()
-    d = incremental.diff(listing, storage.locate(str(Path(folder) / "out")), ("features", "quarantine"))
+    d = incremental.diff(table, storage.locate(str(Path(folder) / "out")), ("features", "quarantine"))
     seconds = time.perf_counter() - t
     stop.set()
     thread.join()
     after_max = maxrss()  # catches a spike the 2 ms sampler missed, if it rose above everything before
     top = max(peak[0], after_max if after_max > base_max else 0)
-    print(json.dumps({"listed": listing.num_rows, "todo": d.todo.num_rows, "done": d.already_done,
-                      "listing_arrow": listing.nbytes, "listing_rss": base - listing_rss,
+    print(json.dumps({"listed": table.num_rows, "todo": d.todo.num_rows, "done": d.already_done,
+                      "listing_arrow": table.nbytes, "listing_rss": base - listing_rss,
                       "diff_peak": top - base, "held_after": rss() - base, "seconds": seconds}))
 
 

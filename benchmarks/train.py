@@ -15,11 +15,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ftl import config, datasets, evaluate, extract, features, fit
+from ftl import config, datasets
 from ftl.config import TrainConfig
-from ftl.ray_runtime import ensure_ray
+from ftl.extract import stage as extract
+from ftl.pipeline.runtime import ensure_ray
+from ftl.train import evaluate, features, fit
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]

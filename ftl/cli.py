@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ftl import config
+from ftl.errors import FtlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Feature-based transfer learning: extract backbone features, train heads, track them.")
@@ -16,20 +17,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Workflow = Annotated[Path, typer.Argument(help="workflow YAML, e.g. workflows/quickstart.yaml")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: extract.batch_size=128")]
 
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    from ftl.backbones import LayerError
-    from ftl.extract import ExtractError
-    from ftl.sources import SourceError
-    from ftl.weights import WeightsError
-
-    from ftl.features import FeatureError
-    from ftl.predict import PredictError
-    from ftl.tracking import TrackingError
-    from ftl.train import TrainError
-
-    return (config.WorkflowError, LayerError, WeightsError, SourceError, ExtractError, FileNotFoundError,
-            FeatureError, TrainError, TrackingError, PredictError)
 
 
 @app.command()
@@ -42,7 +29,7 @@ def show(workflow: Workflow, set: Sets = None) -> None:
 @app.command()
 def extract(workflow: Workflow, set: Sets = None) -> None:
     """Extract features of the workflow's images into Parquet."""
-    from ftl import extract as stage
+    from ftl.extract import stage
 
     wf = config.load_workflow(workflow, set or [])
     result = stage.run(wf)
@@ -53,7 +40,7 @@ def extract(workflow: Workflow, set: Sets = None) -> None:
 @app.command()
 def train(workflow: Workflow, set: Sets = None) -> None:
     """Fit a head on the extracted features with Ray Train; log and register it in MLflow."""
-    from ftl import train as stage
+    from ftl.train import stage
 
     wf = config.load_workflow(workflow, set or [])
     typer.echo(stage.run(wf).summary())
@@ -62,9 +49,9 @@ def train(workflow: Workflow, set: Sets = None) -> None:
 @app.command()
 def run(workflow: Workflow, set: Sets = None) -> None:
     """Extract (only what is new), then train, then register: the whole workflow."""
-    from ftl import extract as extract_stage
     from ftl import tracking
-    from ftl import train as train_stage
+    from ftl.extract import stage as extract_stage
+    from ftl.train import stage as train_stage
 
     wf = config.load_workflow(workflow, set or [])
     extracted = extract_stage.run(wf)
@@ -78,7 +65,7 @@ def run(workflow: Workflow, set: Sets = None) -> None:
 @app.command()
 def sweep(workflow: Workflow, set: Sets = None) -> None:
     """Extract many layers (of several backbones) once, fit a head per layer × grid point, register the best."""
-    from ftl import sweep as stage
+    from ftl.train import sweep as stage
 
     wf = config.load_workflow(workflow, set or [])
     typer.echo(stage.run(wf).summary())
@@ -92,7 +79,7 @@ def predict(model: Annotated[str, typer.Option(help="models:/<name>/<version>, r
             batch_size: Annotated[int, typer.Option(help="images per model call")] = 64,
             actors: Annotated[int, typer.Option(help="model actors in the pool")] = 1) -> None:
     """Classify new images with a registered model, on Ray Data, into Parquet."""
-    from ftl import predict as stage
+    from ftl.predict import stage
 
     result = stage.run(model, input, output, top_k=top_k, batch_size=batch_size, actors=actors)
     typer.echo(result.summary())
@@ -102,7 +89,7 @@ def predict(model: Annotated[str, typer.Option(help="models:/<name>/<version>, r
 def layers(backbone: Annotated[str, typer.Argument(help="a torchvision model name, e.g. resnet50")],
            pooling: Annotated[str, typer.Option(help="avg, max or avgmax")] = "avg") -> None:
     """List a backbone's tap points with their output shapes and pooled dims."""
-    from ftl import backbones
+    from ftl.model import backbones
 
     default = backbones.default_layer(backbone)
     typer.echo(f"{'layer':<40} {'output shape':<22} pooled dim")
@@ -115,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code instead of exiting (tests call this)."""
     try:
         app(args=argv, standalone_mode=False)
-    except _known_errors() as e:
+    except FtlError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
     except typer.Exit as e:

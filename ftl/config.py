@@ -9,13 +9,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ftl.errors import WorkflowError
+
 # Storage option names that carry credentials (s3fs/botocore spellings), masked on display.
 SECRET_NAMES = {"key", "secret", "token", "password", "session_token"}
 SECRET_SUFFIXES = ("_secret", "_token", "_password", "secret_key", "access_key", "access_key_id")
 
-
-class WorkflowError(ValueError):
-    """A workflow that cannot run; the message names the path and what to do."""
 
 
 class Strict(BaseModel):

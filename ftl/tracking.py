@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ftl.config import TrackingConfig
+from ftl.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # What the composed model imports (through the ftl code it carries).
 COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pyarrow", "safetensors", "fsspec",
                          "ray", "pydantic", "pyyaml")
 
-
-class TrackingError(RuntimeError):
-    """MLflow could not be reached or a model could not be found; the message says which."""
 
 
 def uri_of(cfg: TrackingConfig) -> str:
@@ -242,7 +240,7 @@ def log_composed(folder: str, *, name: str, registered: str, classes: int):
                         ColSpec(Array("double"), "probabilities")]),
     )
     return mlflow.pyfunc.log_model(
-        name=name, loader_module="ftl.pyfunc", data_path=folder, code_paths=[os.path.dirname(ftl.__file__)],
+        name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[os.path.dirname(ftl.__file__)],
         signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS), registered_model_name=registered,
     )
 

@@ -120,7 +120,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fmnist_features(tmp_path_factory, fmnist, ray_runtime) -> Path:
     """One extraction of `fmnist` (MobileNetV2, shipped weights) shared by the training tests."""
-    from ftl import config, extract
+    from ftl import config
+    from ftl.extract import stage as extract
 
     root = tmp_path_factory.mktemp("features")
     wf = write_workflow(root / "extract.yaml", name="fmnist", source={"uri": str(fmnist)},

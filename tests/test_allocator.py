@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from ftl import allocator
+from ftl.pipeline import allocator
 
 # Allocate and free a 128 MiB tensor 40 times on a non-main thread, as a Ray actor method does,
 # and count the minor page faults: each fresh page costs one.

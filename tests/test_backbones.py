@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftl import backbones
 from ftl.cli import main
+from ftl.model import backbones
 
 SUPPORTED = ["resnet18", "resnet50", "vgg16", "inception_v3", "mobilenet_v2", "mobilenet_v3_large",
              "efficientnet_b0", "convnext_tiny", "vit_b_16"]

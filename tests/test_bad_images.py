@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ftl import config, decode, extract
+from ftl import config
 from ftl.cli import main
+from ftl.extract import stage as extract
+from ftl.model import imaging
 from tests.conftest import write_workflow
 
-PRE = decode.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+PRE = imaging.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -68,7 +70,7 @@ def write_corpus(root) -> None:
 
 def test_odd_images_become_correct_rgb():
     images = odd_images()
-    pixels = {n: decode.decode_one(b, PRE, max_pixels=10**8) for n, b in images.items()}
+    pixels = {n: imaging.decode_one(b, PRE, max_pixels=10**8) for n, b in images.items()}
     for name, (arr, _, _) in pixels.items():
         assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8, name
     assert (pixels["gray.jpg"][0] == 77).all() or abs(int(pixels["gray.jpg"][0].mean()) - 77) <= 1
@@ -80,8 +82,8 @@ def test_odd_images_become_correct_rgb():
 
 
 def test_bomb_is_refused_before_decoding():
-    with pytest.raises(decode.TooLarge, match="exceeds extract.max_image_pixels=1000"):
-        decode.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
+    with pytest.raises(imaging.TooLarge, match="exceeds extract.max_image_pixels=1000"):
+        imaging.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
 
 
 def corpus_workflow(tmp_path, *, max_error_fraction: float, decode: str = "auto"):

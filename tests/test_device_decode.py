@@ -15,10 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ftl import config, decode, device_decode, extract
-from ftl.embed import Embedder
+from ftl import config
+from ftl.extract import stage as extract
+from ftl.extract.embed import Embedder
+from ftl.model import imaging
+from ftl.pipeline import device_decode
 
-PRE = decode.Preprocess(resize=48, crop=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PRE = imaging.Preprocess(resize=48, crop=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:
@@ -34,7 +37,7 @@ def fmnist_photo(digits, i: int = 0, size=(90, 60)) -> Image.Image:
     return Image.fromarray(np.stack([gray, ramp, 255 - gray], -1))
 
 
-def as_batch(blobs: list[bytes], pre: decode.Preprocess = PRE) -> dict[str, np.ndarray]:
+def as_batch(blobs: list[bytes], pre: imaging.Preprocess = PRE) -> dict[str, np.ndarray]:
     """What the actor receives: read_batch's table as Ray's numpy batch."""
     n = len(blobs)
     listed = pa.table({"image_id": [str(i) for i in range(n)], "uri": [f"mem://{i}" for i in range(n)],
@@ -66,12 +69,12 @@ def test_exif_orientation_matches_pil(digits, orientation):
     blob = jpeg(img, exif=exif)
     batch, ok, pixels, failed = decode_on_device([blob])
     assert batch["jpeg"][0] and not batch["pixels"][0], "an RGB JPEG goes to the device"
-    expected, width, height = decode.decode_one(blob, PRE, max_pixels=10**8)
+    expected, width, height = imaging.decode_one(blob, PRE, max_pixels=10**8)
     assert (batch["width"][0], batch["height"][0]) == (width, height)
     diff = np.abs(pixels[0].astype(int) - expected.astype(int)).mean()
     assert diff < 6, f"orientation {orientation}: mean abs difference {diff:.1f} from PIL's exif_transpose"
     if orientation != 1:  # the comparison can fail: ignoring the tag gives another picture
-        plain = decode.decode_one(jpeg(img), PRE, max_pixels=10**8)[0]
+        plain = imaging.decode_one(jpeg(img), PRE, max_pixels=10**8)[0]
         assert np.abs(plain.astype(int) - expected.astype(int)).mean() > 3 * diff
 
 
@@ -101,7 +104,7 @@ def test_mixed_batch_falls_back_and_quarantines(digits):
     assert [names[r] for r in ok] == ["rgb", "gray", "cmyk", "png"]
     assert pixels.shape == (4, PRE.crop, PRE.crop, 3) and pixels.dtype == np.uint8
     for name, got in zip(["rgb", "gray", "cmyk", "png"], pixels):
-        expected = decode.decode_one(blobs[name], PRE, max_pixels=10**8)[0]
+        expected = imaging.decode_one(blobs[name], PRE, max_pixels=10**8)[0]
         assert np.abs(got.astype(int) - expected.astype(int)).mean() < 6, name
 
 
@@ -120,7 +123,7 @@ def test_device_failure_is_retried_per_image_then_on_pil(digits):
     assert list(ok) == [0, 2, 3] and pixels.shape[0] == 3
     assert list(failed) == [1] and "device decode" in failed[1]
     for got, blob in zip(pixels.numpy(), [good[0], good[1], good[2]]):
-        expected = decode.decode_one(blob, PRE, max_pixels=10**8)[0]
+        expected = imaging.decode_one(blob, PRE, max_pixels=10**8)[0]
         assert np.abs(got.astype(int) - expected.astype(int)).mean() < 6
 
 
@@ -138,7 +141,7 @@ def fmnist_spec():
     return extract.plan(wf)
 
 
-def model_batch(digits, pre: decode.Preprocess, n: int) -> dict[str, np.ndarray]:
+def model_batch(digits, pre: imaging.Preprocess, n: int) -> dict[str, np.ndarray]:
     blobs = [jpeg(fmnist_photo(digits, i, size=(128, 96))) for i in range(n)]
     return as_batch(blobs, pre)
 
@@ -154,7 +157,7 @@ def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fm
     device = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
     assert device["error"].to_pylist() == [""] * 10
     # The same images decoded by PIL on CPU tasks, through the same model.
-    cpu_batch = dict(batch, pixels=np.stack([decode.decode_one(b, pre, max_pixels=10**8)[0] for b in batch["jpeg"]]))
+    cpu_batch = dict(batch, pixels=np.stack([imaging.decode_one(b, pre, max_pixels=10**8)[0] for b in batch["jpeg"]]))
     cpu = embedder(fmnist_spec)(cpu_batch)
     a = np.stack(device[column].to_numpy(zero_copy_only=False))
     b = np.stack(cpu[column].to_numpy(zero_copy_only=False))

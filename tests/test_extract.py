@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from ftl import config, extract, schema, weights
+from ftl import config
 from ftl.cli import main
+from ftl.extract import stage as extract
+from ftl.io import schema
+from ftl.model import weights
 from tests.conftest import write_workflow
 
 

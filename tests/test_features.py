@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ftl import evaluate, features
+from ftl.train import evaluate, features
 
 
 def table(n: int, split=None) -> pa.Table:

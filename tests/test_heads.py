@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ftl import evaluate, features, fit, storage
 from ftl.config import TrainConfig
+from ftl.io import storage
+from ftl.train import evaluate, features, fit
 from tests.conftest import BUCKET
 
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]

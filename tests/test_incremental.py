@@ -15,7 +15,8 @@ import pytest
 import s3fs
 from PIL import Image
 
-from ftl import config, extract
+from ftl import config
+from ftl.extract import stage as extract
 from tests.conftest import BUCKET, write_workflow
 
 
@@ -124,6 +125,6 @@ def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, s3_server, ray_run
 
 
 def committed_parts(folder: str) -> int:
-    from ftl import storage
+    from ftl.io import storage
 
     return len(storage.list_parquet(storage.locate(folder)))

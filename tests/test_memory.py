@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from ftl import config, datasets, extract
+from ftl import config, datasets
+from ftl.extract import stage as extract
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402  (the benchmark's process-tree memory sampler)

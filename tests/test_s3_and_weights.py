@@ -13,8 +13,8 @@ import s3fs
 import torch
 from safetensors.torch import save as save_safetensors
 
-from ftl import weights
 from ftl.cli import main
+from ftl.model import weights
 from tests.conftest import BUCKET, write_workflow
 
 
@@ -49,7 +49,7 @@ def test_s3_imagefolder_to_s3_features_with_s3_safetensors_weights(tmp_path, s3_
 
     remote = read_s3_parquet(f"s3://{BUCKET}/features/s3/features")
     table = pq.ParquetDataset(f"{BUCKET}/features/s3/features", filesystem=s3fs.S3FileSystem()).read()
-    from ftl import schema
+    from ftl.io import schema
 
     prov = schema.read_provenance(table.schema)
     assert prov["weights"] == {"id": "mnv2.safetensors", "kind": "file", "sha256": hashlib.sha256(blob).hexdigest()}

@@ -83,7 +83,7 @@ def test_invalid_layers_fail_before_any_work(tmp_path, fmnist, layers, message, 
 
 
 def test_stage_layers_are_the_backbones_blocks():
-    from ftl import backbones
+    from ftl.model import backbones
 
     assert backbones.stage_layers("efficientnet_b0") == ["features.0", "features.3", "features.5", "features.8", "flatten"]
     assert backbones.stage_layers("regnet_y_400mf") == [f"trunk_output.block{i}" for i in range(1, 5)] + ["flatten"]

@@ -12,8 +12,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ftl import schema, weights
 from ftl.cli import main
+from ftl.io import schema
+from ftl.model import weights
 from tests.conftest import write_workflow
 
 SCRIPT = """

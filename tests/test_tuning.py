@@ -1,7 +1,7 @@
 """Hardware-chosen extraction settings: what a GPU cluster, a CPU cluster and pinned settings get."""
 
 from ftl.config import ExtractConfig
-from ftl.tuning import Hardware, resolve
+from ftl.pipeline.tuning import Hardware, resolve
 
 
 def cfg(**kw) -> ExtractConfig:

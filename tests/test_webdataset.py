@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from ftl import config, extract
+from ftl import config
+from ftl.extract import stage as extract
 from tests.conftest import BUCKET, write_workflow
 
 

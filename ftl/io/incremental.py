@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ftl import storage
+from ftl.io import storage
 
 BATCH_ROWS = 65_536
 _HEX = np.full(256, 255, dtype=np.uint8)

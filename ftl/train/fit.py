@@ -19,8 +19,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ftl import heads, storage
 from ftl.config import TrainConfig
+from ftl.io import storage
+from ftl.model import heads
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
 

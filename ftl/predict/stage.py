@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ftl import allocator, decode, incremental, sources, storage, tracking
+from ftl import tracking
 from ftl.config import SourceConfig, TrackingConfig
-from ftl.sink import QUARANTINE, SplitSink
+from ftl.io import incremental, storage
+from ftl.io.sink import QUARANTINE, SplitSink
+from ftl.pipeline import allocator, readers
+from ftl.sources import listing
 
 PREDICTIONS = "predictions"
 
-
-class PredictError(RuntimeError):
-    """Prediction could not run as asked; the message says why."""
 
 
 def output_schema(k: int) -> pa.Schema:
@@ -86,7 +86,7 @@ class Predictor:
 
 def list_input(uri: str, storage_options: dict | None) -> pa.Table:
     fmt = "manifest" if uri.endswith((".csv", ".parquet")) else "imagefolder"
-    return sources.list_images(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
+    return listing.list_images(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
 
 
 def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batch_size: int = 64, actors: int = 1,
@@ -95,22 +95,22 @@ def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batc
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ftl.ray_runtime import ensure_ray
+    from ftl.pipeline.runtime import ensure_ray
 
     started = time.perf_counter()
     tracking_uri = tracking.uri_of(TrackingConfig())
     model = tracking.load_classifier(model_uri, tracking_uri=tracking_uri)  # fails early; gives the preprocessing
     k = min(top_k, len(model.classes))
     out = storage.locate(output_uri, storage_options)
-    listing = list_input(input_uri, storage_options)
-    todo = incremental.diff(listing, out, (PREDICTIONS, QUARANTINE)).todo
-    result = PredictResult(model=model_uri, listed=listing.num_rows, already_done=listing.num_rows - todo.num_rows,
+    images = list_input(input_uri, storage_options)
+    todo = incremental.diff(images, out, (PREDICTIONS, QUARANTINE)).todo
+    result = PredictResult(model=model_uri, listed=images.num_rows, already_done=images.num_rows - todo.num_rows,
                            ok=0, quarantined=0, seconds=0.0, output=out.uri)
     if todo.num_rows:
         ensure_ray()
         ds = ray.data.from_arrow([todo.slice(i, batch_size) for i in range(0, todo.num_rows, batch_size)])
         # Half a CPU per decode task: unlike the actors' ask, so Ray does not fuse decoding into them.
-        ds = ds.map_batches(decode.decode_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5,
+        ds = ds.map_batches(readers.decode_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5,
                             fn_kwargs={"pre": model.preprocess, "max_pixels": decode_limit(),
                                        "storage_options": storage_options})
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -127,6 +127,6 @@ def run(model_uri: str, input_uri: str, output_uri: str, *, top_k: int = 5, batc
 
 
 def decode_limit() -> int:
-    from ftl.pyfunc import MAX_PIXELS
+    from ftl.model.classifier import MAX_PIXELS
 
     return MAX_PIXELS

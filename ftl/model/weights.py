@@ -13,7 +13,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ftl import backbones, storage
+from ftl.errors import WeightsError
+from ftl.io import storage
+from ftl.model import backbones
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,6 @@ class WeightsRef:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-class WeightsError(ValueError):
-    """Weights that cannot be found or loaded; the message says what to use instead."""
 
 
 def resolve(backbone: str, weights: str, *, storage_options: dict[str, Any] | None = None) -> WeightsRef:

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ftl import backbones, config, evaluate, extract, features, probe, storage, tracking, train
+from ftl import config, tracking
 from ftl.config import SweepBackbone, Workflow
+from ftl.extract import stage as extract
+from ftl.io import storage
+from ftl.model import backbones
+from ftl.train import evaluate, features, probe
+from ftl.train import stage as train
 
 KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
 

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ftl import incremental, sources, storage
 from ftl.config import SourceConfig
+from ftl.io import incremental, storage
+from ftl.sources import listing
 
 SHARDS_FILE = "_shards.parquet"
 SHARDS = pa.schema([("uri", pa.string()), ("version", pa.string()), ("split", pa.string())])
@@ -25,17 +26,17 @@ def list_shards(cfg: SourceConfig, storage_options: dict | None) -> pa.Table:
     """Every `.tar` under the source: its URI, version (ETag or size+mtime) and split (its folder)."""
     root = storage.locate(cfg.uri, storage_options)
     if not root.fs.exists(root.path):
-        raise sources.SourceError(f"source.uri {root.uri} does not exist")
+        raise listing.SourceError(f"source.uri {root.uri} does not exist")
     found = root.fs.find(root.path, detail=True)
     rows = {"uri": [], "version": [], "split": []}
     for path, info in sorted(found.items()):
         if path.endswith(".tar"):
             parts = posixpath.relpath(path, root.path).split("/")
             rows["uri"].append(root.to_uri(path))
-            rows["version"].append(sources.version_of(info))
+            rows["version"].append(listing.version_of(info))
             rows["split"].append(parts[-2] if len(parts) >= 2 else None)
     if not rows["uri"]:
-        raise sources.SourceError(f"source.uri {root.uri} holds no .tar shards")
+        raise listing.SourceError(f"source.uri {root.uri} holds no .tar shards")
     return pa.table(rows, schema=SHARDS)
 
 
@@ -82,7 +83,7 @@ def to_images(batch: pa.Table, *, shards: dict[str, tuple[str, str | None]], don
     urls = batch["__url__"].to_pylist()
     keys = batch["__key__"].to_pylist()
     uris = [f"{shard_uri(u, shards)}#{k}" for u, k in zip(urls, keys)]
-    ids = [sources.image_id(uri, shards[shard_uri(u, shards)][0]) for uri, u in zip(uris, urls)]
+    ids = [listing.image_id(uri, shards[shard_uri(u, shards)][0]) for uri, u in zip(uris, urls)]
     found = np.zeros(len(ids), dtype=bool)
     if len(done):
         wanted = incremental.id_bytes(pa.array(ids))

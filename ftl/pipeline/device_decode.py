@@ -20,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ftl import decode
+from ftl.model import imaging
+from ftl.pipeline import readers
 
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to PIL
 
 
-def read_batch(batch: pa.Table, *, pre: decode.Preprocess, max_pixels: int, storage_options: dict | None) -> pa.Table:
+def read_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int, storage_options: dict | None) -> pa.Table:
     """A Ray Data batch of listed images → JPEG bytes for the device, or CPU-decoded raw pixels."""
     n = batch.num_rows
     jpeg = [b""] * n
@@ -35,7 +36,7 @@ def read_batch(batch: pa.Table, *, pre: decode.Preprocess, max_pixels: int, stor
     height = np.zeros(n, dtype=np.int32)
     stage = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
-    data, done = decode.blobs(batch, storage_options)
+    data, done = readers.blobs(batch, storage_options)
     for i, blob in enumerate(data):
         if done[i]:
             stage[i] = "done"
@@ -48,10 +49,10 @@ def read_batch(batch: pa.Table, *, pre: decode.Preprocess, max_pixels: int, stor
                 stage[i], error[i] = "decode", f"{type(e).__name__}: {e}"
     table = batch.select(["image_id", "uri", "label", "split"])
     table = table.append_column("jpeg", pa.array(jpeg, pa.binary())).append_column("pixels", pa.array(raw, pa.binary()))
-    return decode.with_status(table.append_column("orientation", pa.array(orientation)), width, height, stage, error)
+    return readers.with_status(table.append_column("orientation", pa.array(orientation)), width, height, stage, error)
 
 
-def route(blob: bytes, pre: decode.Preprocess, max_pixels: int) -> tuple[bytes, bytes, int, int, int]:
+def route(blob: bytes, pre: imaging.Preprocess, max_pixels: int) -> tuple[bytes, bytes, int, int, int]:
     """(jpeg, raw pixels, EXIF orientation, width, height): one of jpeg and raw is empty."""
     if not blob:
         raise ValueError("empty file (0 bytes)")
@@ -59,14 +60,14 @@ def route(blob: bytes, pre: decode.Preprocess, max_pixels: int) -> tuple[bytes, 
     img = Image.open(io.BytesIO(blob))  # reads the header only
     width, height = img.size
     if width * height > max_pixels:
-        raise decode.TooLarge(f"{width}x{height} pixels exceeds extract.max_image_pixels={max_pixels}")
+        raise imaging.TooLarge(f"{width}x{height} pixels exceeds extract.max_image_pixels={max_pixels}")
     if img.format == "JPEG" and img.mode in DEVICE_MODES and complete(blob):
         orientation = img.getexif().get(0x0112, 1)
         orientation = orientation if orientation in range(1, 9) else 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         return blob, b"", orientation, width, height
-    pixels, width, height = decode.decode_one(blob, pre, max_pixels=max_pixels)
+    pixels, width, height = imaging.decode_one(blob, pre, max_pixels=max_pixels)
     return b"", pixels.tobytes(), 1, width, height
 
 
@@ -79,7 +80,7 @@ def complete(jpeg: bytes) -> bool:
 class DeviceDecoder:
     """Batches from `read_batch` → (N, crop, crop, 3) uint8 on `device`, plus per-row errors."""
 
-    def __init__(self, pre: decode.Preprocess, device: str, max_pixels: int):
+    def __init__(self, pre: imaging.Preprocess, device: str, max_pixels: int):
         import torch
 
         self.pre, self.device, self.max_pixels = pre, torch.device(device), max_pixels
@@ -102,7 +103,7 @@ class DeviceDecoder:
         for r, img in zip(jpeg_rows, decoded):
             if isinstance(img, Exception):
                 try:  # what the device cannot decode, PIL may: the image is not lost
-                    pixels = decode.decode_one(batch["jpeg"][r], self.pre, max_pixels=self.max_pixels)[0]
+                    pixels = imaging.decode_one(batch["jpeg"][r], self.pre, max_pixels=self.max_pixels)[0]
                     out[r] = to_device(torch.from_numpy(pixels), self.device)
                 except Exception as e:
                     failed[r] = f"{type(e).__name__}: {e} (device decode: {img})"
@@ -168,7 +169,7 @@ def orient(img, orientation: int):
     return img
 
 
-def resize_crop(images, pre: decode.Preprocess):
+def resize_crop(images, pre: imaging.Preprocess):
     """(N, 3, H, W) uint8 → shorter side to `resize` (antialiased bilinear), centre `crop`, as (N, crop, crop, 3)."""
     import torchvision.transforms.v2.functional as F
 

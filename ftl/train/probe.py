@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftl import heads
+from ftl.model import heads
 
 
 @dataclass

@@ -11,16 +11,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ftl import storage
 from ftl.config import SourceConfig
+from ftl.errors import SourceError
+from ftl.io import storage
 
 LISTING = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string())]
 )
 
-
-class SourceError(ValueError):
-    """A source that cannot be listed; the message says what was expected."""
 
 
 def image_id(uri: str, version: str) -> str:

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import allocator, backbones, decode, device_decode, schema, weights
+from ftl.io import schema
+from ftl.model import backbones, imaging, weights
+from ftl.pipeline import allocator, device_decode
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ModelSpec:
     compile: bool = False
     batch_size: int = 64  # with compile, short batches are padded to it: one graph, no recompiles
     decode: str = "cpu"  # "device": batches carry JPEG bytes for device_decode
-    preprocess: decode.Preprocess | None = None  # needed by decode="device"
+    preprocess: imaging.Preprocess | None = None  # needed by decode="device"
     max_image_pixels: int = 89_478_485
 
 

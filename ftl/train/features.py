@@ -10,13 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ftl import schema, storage
+from ftl.errors import FeatureError
+from ftl.io import schema, storage
 
 SPLITS = ("train", "val", "test")
 
-
-class FeatureError(ValueError):
-    """Features that cannot be trained on as asked; the message says which and what to do."""
 
 
 @dataclass

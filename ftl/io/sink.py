@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block
 
-from ftl import schema, storage
+from ftl.io import schema, storage
 
 FEATURES = "features"
 QUARANTINE = "quarantine"

@@ -14,18 +14,17 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-
-from ftl import (allocator, backbones, decode, device_decode, incremental, schema, sources, storage, tuning,
-                 webdataset, weights)
 from ftl.config import ExtractConfig, Workflow
-from ftl.embed import Embedder, ModelSpec
-from ftl.sink import FEATURES, QUARANTINE, feature_sink
+from ftl.errors import ExtractError
+from ftl.extract.embed import Embedder, ModelSpec
+from ftl.io import incremental, schema, storage
+from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
+from ftl.model import backbones, imaging, weights
+from ftl.pipeline import allocator, device_decode, readers, tuning
+from ftl.sources import listing, webdataset
 
 PROVENANCE_FILE = "_ftl.json"
 
-
-class ExtractError(RuntimeError):
-    """The run could not complete as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -74,17 +73,17 @@ class ExtractResult:
         return d
 
 
-def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> decode.Preprocess:
+def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.Preprocess:
     """What the weights prescribe, with the workflow's overrides on top."""
     base = backbones.preprocess_defaults(cfg.backbone, ref.id if ref.kind == "enum" else None)
     over = {k: v for k, v in cfg.preprocess.model_dump().items() if v is not None}
     merged = {**base, **over}
     if "resize" in over and "crop" not in over:
         merged["crop"] = min(merged["crop"], merged["resize"])
-    return decode.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
+    return imaging.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
 
 
-def plan(wf: Workflow) -> tuple[ModelSpec, dict, decode.Preprocess]:
+def plan(wf: Workflow) -> tuple[ModelSpec, dict, imaging.Preprocess]:
     """Validate layers and resolve weights on the driver, before any Ray work starts."""
     cfg = wf.extract
     layers = backbones.check_layers(cfg.backbone, cfg.layers)
@@ -126,7 +125,7 @@ def claim_output(out: storage.Location, prov: dict) -> None:
 
 def run(wf: Workflow) -> ExtractResult:
     """Extract features for every listed image not yet in the output."""
-    from ftl.ray_runtime import ensure_ray
+    from ftl.pipeline.runtime import ensure_ray
 
     cfg = wf.extract
     started = time.perf_counter()
@@ -166,10 +165,10 @@ def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult, ens
     """Imagefolder and manifest sources: diff the listing on the driver, supersede changed rows."""
     import ray
 
-    listing = sources.list_images(wf.source, storage_options=wf.storage.options)
-    work = incremental.diff(listing, out, (FEATURES, QUARANTINE))
+    images = listing.list_images(wf.source, storage_options=wf.storage.options)
+    work = incremental.diff(images, out, (FEATURES, QUARANTINE))
     incremental.supersede(out, work.superseded)
-    result.listed, result.already_done = listing.num_rows, work.already_done
+    result.listed, result.already_done = images.num_rows, work.already_done
     result.superseded, result.gone = work.superseded_rows, work.gone
     if not work.todo.num_rows:
         return None
@@ -204,13 +203,13 @@ def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult,
     return images, todo
 
 
-def pipeline(images, spec: ModelSpec, prov: dict, pre: decode.Preprocess, cfg: ExtractConfig,
+def pipeline(images, spec: ModelSpec, prov: dict, pre: imaging.Preprocess, cfg: ExtractConfig,
              *, storage_options: dict, tuned: tuning.Tuning):
     """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
     from ray.data import ActorPoolStrategy, ExecutionResources
 
     spec = replace(spec, torch_threads=tuned.torch_threads, batch_size=tuned.batch_size, decode=tuned.decode)
-    reader = device_decode.read_batch if tuned.decode == "device" else decode.decode_batch
+    reader = device_decode.read_batch if tuned.decode == "device" else readers.decode_batch
     ds = images.map_batches(
         reader,
         fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},

@@ -9,6 +9,8 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from ftl.errors import LayerError
+
 # The layer that feeds the classifier, where the generic rule (last node outside the
 # head module) picks something less useful, e.g. vgg16's 25088-d flatten instead of fc7.
 PENULTIMATE = {
@@ -26,9 +28,6 @@ STAGES = {
     "resnet18": ["layer1", "layer2", "layer3", "layer4", "flatten"],
     "resnet50": ["layer1", "layer2", "layer3", "layer4", "flatten"],
 }
-
-class LayerError(ValueError):
-    """An unknown backbone or layer; the message lists the valid names."""
 
 
 def names() -> list[str]:

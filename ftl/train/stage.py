@@ -8,12 +8,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ftl import config, evaluate, features, fit, storage, tracking, weights
+from ftl import config, tracking
 from ftl.config import Workflow
-
-
-class TrainError(RuntimeError):
-    """Training could not complete as asked; the message says why and what to do."""
+from ftl.errors import TrainError
+from ftl.io import storage
+from ftl.model import weights
+from ftl.train import evaluate, features, fit
 
 
 @dataclass
@@ -71,7 +71,7 @@ def backbone_for(wf: Workflow, prov: dict):
 
 def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     """Fit, evaluate, log and register one head on the workflow's features."""
-    from ftl.ray_runtime import ensure_ray
+    from ftl.pipeline.runtime import ensure_ray
 
     cfg = wf.train
     started = time.perf_counter()
@@ -159,7 +159,7 @@ def log_evaluation(head, data: features.FeatureData) -> dict[str, float]:
 def log_models(result: TrainResult, head, backbone, data: features.FeatureData, *, registered: str,
                tags: dict) -> None:
     """The head (pt2) and the composed image model (pyfunc), both registered and tagged."""
-    from ftl import heads, pyfunc
+    from ftl.model import classifier, heads
 
     head_info = tracking.log_head(heads.Probabilities(head).eval(), data.x["train"][:4], name="head",
                                   registered=f"{registered}-head")
@@ -170,7 +170,7 @@ def log_models(result: TrainResult, head, backbone, data: features.FeatureData, 
                             "cannot be rebuilt")
         return
     with tracking.temp_dir() as tmp:
-        folder = pyfunc.save(os.path.join(tmp, "model"), head=head, backbone=backbone, provenance=data.provenance,
+        folder = classifier.save(os.path.join(tmp, "model"), head=head, backbone=backbone, provenance=data.provenance,
                              layer=data.layer, classes=data.classes)
         info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(data.classes))
     tracking.tag_version(registered, info.registered_model_version, tags)

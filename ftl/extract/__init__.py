@@ -1,0 +1,1 @@
+"""`ftl extract`: images to backbone features in Parquet."""

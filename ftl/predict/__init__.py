@@ -1,0 +1,1 @@
+"""`ftl predict`: a registered image model applied to a folder or manifest of images."""

@@ -1,0 +1,1 @@
+"""Listing a dataset: imagefolders, manifests and WebDataset shards, with a stable id per image."""
