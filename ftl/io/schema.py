@@ -10,6 +10,15 @@ import pyarrow as pa
 METADATA_KEY = b"ftl"
 FORMAT_VERSION = 1
 
+# Columns every stage carries through unchanged, from the listing to the output and quarantine.
+PASSTHROUGH = ("image_id", "uri", "label", "split")
+
+# Row status between stages: `stage` names where a row failed (read, decode, ...) and `error` why;
+# ERROR_NONE ("") marks a good row (all-None object columns do not survive Ray's numpy→Arrow
+# conversion), and STAGE_DONE a row already in the output, carried only to be counted.
+ERROR_NONE = ""
+STAGE_DONE = "done"
+
 BASE = [
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
