@@ -29,7 +29,7 @@ class SplitSink(Datasink):
         self.rows_per_file = rows_per_file
         # Quarantine columns taken from other block columns, e.g. the listed label under another name.
         self.quarantine_from = quarantine_from or {}
-        self.counts = {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
+        self.counts = {"ok": 0, "quarantined": 0, "done": 0}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -40,23 +40,19 @@ class SplitSink(Datasink):
         tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"ok": 0, "quarantined": 0, "done": 0, "files": 0}
+            return {"ok": 0, "quarantined": 0, "done": 0}
         table = pa.concat_tables(tables, promote_options="permissive")
-        done = pc.equal(table["stage"], "done")  # already in the output; only counted
-        bad = pc.not_equal(table["error"], "")
+        done = pc.equal(table["stage"], schema.STAGE_DONE)  # already in the output; only counted
+        bad = pc.not_equal(table["error"], schema.ERROR_NONE)
         good = table.filter(pc.and_(pc.invert(bad), pc.invert(done)))
         quarantined = table.filter(bad)
         name = f"part-{uuid.uuid4().hex}.parquet"
-        files = 0
         if good.num_rows:
             storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(self.folder), name)
-            files += 1
         if quarantined.num_rows:
             q = pa.table({c: quarantined[self.quarantine_from.get(c, c)] for c in schema.QUARANTINE.names})
             storage.write_table_atomic(q.cast(schema.QUARANTINE), self.out.join(QUARANTINE), name)
-            files += 1
-        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
-                "files": files}
+        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0}
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:

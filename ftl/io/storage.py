@@ -1,7 +1,8 @@
-"""URIs to filesystems: the only module that knows about S3.
+"""URIs to filesystems: the only module that knows about S3 (or any other store).
 
-Every URI becomes an fsspec filesystem plus a path on it. s3fs reads the standard
-AWS environment (AWS_ENDPOINT_URL, keys, region, profiles) unless the workflow's
+Every URI becomes an fsspec filesystem plus a path on it, through fsspec's own URL handling,
+so any fsspec filesystem works where a path is expected. s3fs reads the standard AWS
+environment (AWS_ENDPOINT_URL, keys, region, profiles) unless the workflow's
 `storage.options` say otherwise. Credentials live only inside the filesystem object.
 """
 
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ftl.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -24,35 +28,46 @@ class Location:
 
     fs: fsspec.AbstractFileSystem
     path: str
-    scheme: str
 
     @property
     def uri(self) -> str:
-        return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
+        return self.to_uri(self.path)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
-        return Location(self.fs, posixpath.join(self.path, *parts), self.scheme)
+        return Location(self.fs, posixpath.join(self.path, *parts))
 
     def to_uri(self, path: str) -> str:
-        """The user-facing URI of another path on the same filesystem."""
-        return path if self.scheme == "file" else f"{self.scheme}://{path}"
+        """The user-facing URI of another path on the same filesystem: plain paths for local files."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
 
 def locate(uri: str, options: dict[str, Any] | None = None) -> Location:
-    """Resolve a local path, file:// or s3:// URI."""
-    scheme, _, rest = uri.partition("://")
-    if not _:
-        scheme, rest = "file", uri
-    if scheme == "file":
-        return Location(fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(rest)), "file")
-    if scheme in ("s3", "s3a"):
-        return Location(s3_filesystem(options or {}), rest.rstrip("/"), "s3")
-    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a local path, file:// or s3://")
+    """Any URI fsspec knows (a local path, file://, s3://, gs://, az://, ...) as a filesystem and a path.
+
+    `options` (the workflow's storage.options) go to remote filesystems only.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+        return Location(fsspec.filesystem("file"), path)
+    protocol = uri.split("://", 1)[0]
+    kwargs = s3_options(options or {}) if protocol in ("s3", "s3a") else dict(options or {})
+    # Listing caches would hide objects written during the run (markers, new parts).
+    kwargs.setdefault("use_listings_cache", False)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+    except ImportError as e:
+        raise StorageError(f"{uri}: {e} (the fsspec filesystem for {protocol}://)") from None
+    except ValueError as e:
+        raise StorageError(f"{uri}: {e}; use a local path or a URI fsspec knows (s3://, gs://, az://, ...)") from None
+    return Location(fs, path.rstrip("/"))
 
 
-def s3_filesystem(options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-    import s3fs
-
+def s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """storage.options in s3fs's terms: `endpoint_url` and `region` go into the botocore client."""
     opts = dict(options)
     endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL"
@@ -63,8 +78,7 @@ def s3_filesystem(options: dict[str, Any]) -> fsspec.AbstractFileSystem:
     region = opts.pop("region", None)
     if region:
         client_kwargs.setdefault("region_name", region)
-    # Listing caches would hide objects written during the run (markers, new parts).
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False, **opts)
+    return {**opts, "client_kwargs": client_kwargs}
 
 
 def resolve(base: Location, uri: str) -> str:
@@ -80,12 +94,13 @@ def arrow_filesystem(loc: Location):
     """The same filesystem for readers that want pyarrow's interface (Ray Data's)."""
     import pyarrow.fs
 
-    if loc.scheme == "file":
+    if loc.is_local:
         return pyarrow.fs.LocalFileSystem()
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(loc.fs))
 
 
 def strip_scheme(uri: str) -> str:
+    """`s3://bucket/key` → `bucket/key`: the path form fsspec and pyarrow filesystems take."""
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
@@ -101,7 +116,7 @@ def stage_table(table: pa.Table, root: Location) -> str:
 
 def write_table_atomic(table: pa.Table, folder: Location, name: str) -> str:
     """Stage beside `folder`, then rename into it, so readers never see half a file."""
-    root = Location(folder.fs, posixpath.dirname(folder.path), folder.scheme)
+    root = Location(folder.fs, posixpath.dirname(folder.path))
     staged = stage_table(table, root)
     folder.fs.makedirs(folder.path, exist_ok=True)
     final = posixpath.join(folder.path, name)
@@ -114,11 +129,3 @@ def list_parquet(loc: Location) -> list[str]:
     if not loc.fs.exists(loc.path):
         return []
     return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
-
-
-def read_parquet(loc: Location, *, columns: list[str] | None = None) -> pa.Table | None:
-    """All committed parts of a folder as one table, or None when there are none."""
-    parts = list_parquet(loc)
-    if not parts:
-        return None
-    return pq.ParquetDataset(parts, filesystem=loc.fs).read(columns=columns)

@@ -77,7 +77,7 @@ def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
     if "uri" not in table.column_names:
         raise SourceError(f"manifest {loc.uri} has no 'uri' column; columns: {table.column_names}")
     base = loc.join("..")
-    base = storage.Location(base.fs, posixpath.normpath(base.path), base.scheme)
+    base = storage.Location(base.fs, posixpath.normpath(base.path))
     uris = [storage.resolve(base, u) for u in table["uri"].to_pylist()]
     versions = stat_all(uris, storage_options)
     columns = {

@@ -80,10 +80,12 @@ def to_images(batch: pa.Table, *, shards: dict[str, tuple[str, str | None]], don
 
     if isinstance(done, ray.ObjectRef):  # broadcast once through the object store, read zero-copy
         done = ray.get(done)
-    urls = batch["__url__"].to_pylist()
+    # Ray reports each shard's path without its scheme (`bucket/key`): map it back to the listed URI.
+    by_path = {storage.strip_scheme(u): u for u in shards}
+    urls = [u if u in shards else by_path[storage.strip_scheme(u)] for u in batch["__url__"].to_pylist()]
     keys = batch["__key__"].to_pylist()
-    uris = [f"{shard_uri(u, shards)}#{k}" for u, k in zip(urls, keys)]
-    ids = [listing.image_id(uri, shards[shard_uri(u, shards)][0]) for uri, u in zip(uris, urls)]
+    uris = [f"{u}#{k}" for u, k in zip(urls, keys)]
+    ids = [listing.image_id(uri, shards[u][0]) for uri, u in zip(uris, urls)]
     found = np.zeros(len(ids), dtype=bool)
     if len(done):
         wanted = incremental.id_bytes(pa.array(ids))
@@ -103,13 +105,9 @@ def to_images(batch: pa.Table, *, shards: dict[str, tuple[str, str | None]], don
         "image_id": ids,
         "uri": uris,
         "label": pa.array(labels if labels else [None] * len(ids), pa.string()),
-        "split": pa.array([shards[shard_uri(u, shards)][1] for u in urls], pa.string()),
+        "split": pa.array([shards[u][1] for u in urls], pa.string()),
         # Done rows travel on without their bytes, so that the sink can count them.
         "data": pa.array([b"" if f else (d or b"") for d, f in zip(data, found)], pa.binary()),
         "done": pa.array(found),
     })
 
-
-def shard_uri(url: str, shards: dict) -> str:
-    """Ray reports local paths and `bucket/key` paths; map them back to the listed URI."""
-    return url if url in shards else f"s3://{url}" if f"s3://{url}" in shards else url
