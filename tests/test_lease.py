@@ -1,0 +1,119 @@
+"""One writer per output: the lease, between real processes, on local disk and on the S3 server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftl.io import lease, storage
+from tests.conftest import BUCKET
+
+HOLD = """
+import sys, time
+from ftl.io import lease, storage
+out = storage.locate(sys.argv[1])
+with lease.hold(out, ttl=float(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[3]))
+print("released", flush=True)
+"""
+
+TAKE = """
+import sys, time
+from ftl.io import lease, storage
+out = storage.locate(sys.argv[1])
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all takers start together
+got, _ = lease.try_take(out, ttl=30)
+print("won" if got else "lost", flush=True)
+if got:
+    got.stop.set()
+"""
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3_server")
+        return f"s3://{BUCKET}/lease-{time.time_ns()}"
+    return str(tmp_path / "out")
+
+
+def holder_process(uri: str, *, ttl: float, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, uri, str(ttl), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_fails_at_once_naming_the_holder_and_takes_over_when_it_dies(output):
+    proc = holder_process(output, ttl=3, seconds=120)
+    try:
+        started = time.monotonic()
+        with pytest.raises(lease.LeaseHeld, match=rf"another run: host \S+, pid {proc.pid} since .*lease_wait"):
+            with lease.hold(storage.locate(output), ttl=3):
+                pass
+        assert time.monotonic() - started < 2  # at once, not after a wait
+    finally:
+        proc.kill()  # SIGKILL: no release, the lease must expire by itself
+        proc.wait()
+    died = time.monotonic()
+    with lease.hold(storage.locate(output), ttl=3, wait=30) as held:
+        recovered = time.monotonic() - died
+        assert held.record["holder"]["pid"] != proc.pid
+    assert 0 < recovered < 3 + 2, recovered  # within the time to live, plus one poll
+
+
+def test_a_waiting_writer_gets_the_lease_when_the_holder_finishes(output):
+    proc = holder_process(output, ttl=30, seconds=2)
+    with lease.hold(storage.locate(output), ttl=30, wait=60):
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout.read().strip() == "released"
+    # Released on exit: the next run takes it at once.
+    with lease.hold(storage.locate(output), ttl=30):
+        pass
+
+
+def test_renewal_keeps_a_long_run_s_lease(output):
+    out = storage.locate(output)
+    with lease.hold(out, ttl=1.5) as held:
+        time.sleep(4)  # past two times the time to live: only renewals keep it
+        with pytest.raises(lease.LeaseHeld):
+            with lease.hold(out, ttl=1.5):
+                pass
+        held.fence.check()
+
+
+def test_of_many_runs_taking_over_an_expired_lease_one_wins(output):
+    out = storage.locate(output)
+    out.fs.makedirs(out.path, exist_ok=True)
+    stale = {"holder": {"host": "gone", "pid": 1}, "since": 0, "renewed": 0, "expires": 1, "token": "old"}
+    out.fs.pipe_file(out.join(lease.LEASE_FILE).path, json.dumps(stale).encode())
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", TAKE, output, str(start)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert results == ["lost", "lost", "lost", "won"]
+    # The old holder's write tasks find out before their next commit.
+    with pytest.raises(lease.LeaseLost, match="taken over"):
+        lease.Fence(out, "old").check()
+
+
+def test_a_swap_against_a_stale_etag_is_refused(output):
+    """The compare-and-swap itself: whoever read the expired lease before another run replaced it loses."""
+    from ftl.io.lease_store import store_for
+
+    out = storage.locate(output)
+    out.fs.makedirs(out.path, exist_ok=True)
+    store, path = store_for(out.fs), out.join(lease.LEASE_FILE).path
+    first = store.create(path, b'{"token": "a"}')
+    assert first and store.create(path, b'{"token": "b"}') is None  # create-if-absent
+    second = store.replace(path, b'{"token": "b"}', expected=first)
+    assert second and store.replace(path, b'{"token": "c"}', expected=first) is None
+    assert store.read(path)[0] == b'{"token": "b"}'
+    store.delete(path, expected=first)  # not ours any more: left alone
+    assert store.read(path) is not None
+    store.delete(path, expected=second)
+    assert store.read(path) is None
