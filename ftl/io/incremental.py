@@ -10,7 +10,6 @@ whatever the size of the output.
 from __future__ import annotations
 
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,4 +113,4 @@ def supersede(out: storage.Location, stale: dict[str, set[str]]) -> None:
             staged = storage.stage_table(keep, out)
         out.fs.rm(part)
         if staged:
-            out.fs.mv(staged, posixpath.join(posixpath.dirname(part), f"part-{uuid.uuid4().hex}.parquet"))
+            out.fs.mv(staged, posixpath.join(posixpath.dirname(part), storage.part_name(keep["image_id"])))

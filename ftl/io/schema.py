@@ -15,9 +15,12 @@ PASSTHROUGH = ("image_id", "uri", "label", "split")
 
 # Row status between stages: `stage` names where a row failed (read, decode, ...) and `error` why;
 # ERROR_NONE ("") marks a good row (all-None object columns do not survive Ray's numpy→Arrow
-# conversion), and STAGE_DONE a row already in the output, carried only to be counted.
+# conversion), STAGE_DONE a row already in the output, carried only to be counted, and
+# STAGE_RETRY a row that failed for a reason that passes (a timeout, throttling): it is written
+# nowhere, so the next run tries it again.
 ERROR_NONE = ""
 STAGE_DONE = "done"
+STAGE_RETRY = "retry"
 
 BASE = [
     pa.field("image_id", pa.string(), nullable=False),

@@ -6,7 +6,6 @@ after a crash) sees only whole parts. An image lands in exactly one of the two f
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -18,18 +17,20 @@ from ftl.io import schema, storage
 
 FEATURES = "features"
 QUARANTINE = "quarantine"
+COUNTS = ("ok", "quarantined", "done", "retry")
 
 
 class SplitSink(Datasink):
     """Rows with an error go to `quarantine/`, rows marked done are only counted, the rest to `folder`."""
 
     def __init__(self, out: storage.Location, *, folder: str, schema: pa.Schema, rows_per_file: int,
-                 quarantine_from: dict[str, str] | None = None):
+                 quarantine_from: dict[str, str] | None = None, fence=None):
         self.out, self.folder, self.schema = out, folder, schema
         self.rows_per_file = rows_per_file
         # Quarantine columns taken from other block columns, e.g. the listed label under another name.
         self.quarantine_from = quarantine_from or {}
-        self.counts = {"ok": 0, "quarantined": 0, "done": 0}
+        self.fence = fence  # the run's lease (ftl.io.lease.Fence): checked before every commit
+        self.counts = dict.fromkeys(COUNTS, 0)
 
     @property
     def min_rows_per_write(self) -> int:
@@ -40,19 +41,25 @@ class SplitSink(Datasink):
         tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"ok": 0, "quarantined": 0, "done": 0}
+            return dict.fromkeys(COUNTS, 0)
         table = pa.concat_tables(tables, promote_options="permissive")
         done = pc.equal(table["stage"], schema.STAGE_DONE)  # already in the output; only counted
-        bad = pc.not_equal(table["error"], schema.ERROR_NONE)
-        good = table.filter(pc.and_(pc.invert(bad), pc.invert(done)))
-        quarantined = table.filter(bad)
-        name = f"part-{uuid.uuid4().hex}.parquet"
+        retry = pc.equal(table["stage"], schema.STAGE_RETRY)  # not read this time: left for the next run
+        failed = pc.not_equal(table["error"], schema.ERROR_NONE)
+        good = table.filter(pc.and_(pc.invert(failed), pc.invert(done)))
+        quarantined = table.filter(pc.and_(failed, pc.invert(retry)))
+        # Named after the rows it holds: a write task that Ray retries after committing writes the
+        # same name again, so the retry replaces its own part instead of adding its rows twice.
+        name = storage.part_name(table["image_id"])
+        if self.fence is not None:
+            self.fence.check()
         if good.num_rows:
             storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(self.folder), name)
         if quarantined.num_rows:
             q = pa.table({c: quarantined[self.quarantine_from.get(c, c)] for c in schema.QUARANTINE.names})
             storage.write_table_atomic(q.cast(schema.QUARANTINE), self.out.join(QUARANTINE), name)
-        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0}
+        return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
+                "retry": pc.sum(retry).as_py() or 0}
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:

@@ -8,6 +8,7 @@ environment (AWS_ENDPOINT_URL, keys, region, profiles) unless the workflow's
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
@@ -122,6 +123,14 @@ def write_table_atomic(table: pa.Table, folder: Location, name: str) -> str:
     final = posixpath.join(folder.path, name)
     folder.fs.mv(staged, final)
     return final
+
+
+def part_name(ids: pa.Array | pa.ChunkedArray) -> str:
+    """A part's name from the image ids it holds: the same rows always make the same name."""
+    digest = hashlib.blake2b(digest_size=16)
+    for image_id in sorted(ids.to_pylist()):
+        digest.update(image_id.encode() + b"\n")
+    return f"part-{digest.hexdigest()}.parquet"
 
 
 def list_parquet(loc: Location) -> list[str]:
