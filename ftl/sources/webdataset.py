@@ -50,7 +50,9 @@ def finished_shards(out: storage.Location) -> pa.Table:
 
 def record_finished(out: storage.Location, shards: pa.Table) -> None:
     """After a successful run every shard read is complete; a crash leaves the old record."""
-    merged = pa.concat_tables([finished_shards(out), shards.select(SHARDS.names)])
+    earlier = finished_shards(out)
+    earlier = earlier.filter(pc.invert(pc.is_in(earlier["uri"], value_set=shards["uri"])))  # changed: new version
+    merged = pa.concat_tables([earlier, shards.select(SHARDS.names)])
     staged = storage.stage_table(merged, out)
     out.fs.mv(staged, out.join(SHARDS_FILE).path)
 
@@ -60,6 +62,23 @@ def pending_shards(shards: pa.Table, out: storage.Location) -> pa.Table:
     key = pc.binary_join_element_wise(shards["uri"], shards["version"], "\n")
     done_key = pc.binary_join_element_wise(done["uri"], done["version"], "\n")
     return shards.filter(pc.invert(pc.is_in(key, value_set=done_key)))
+
+
+def superseded(out: storage.Location, todo: pa.Table, folders: tuple[str, ...]) -> dict[str, set[str]]:
+    """Rows of the shards about to be read whose id is not their image's id under the shard's current
+    version: the shard changed since they were written, and its new rows will replace them."""
+    versions = dict(zip(todo["uri"].to_pylist(), todo["version"].to_pylist()))
+    stale: dict[str, set[str]] = {}
+    for folder in folders:
+        for part in storage.list_parquet(out.join(folder)):
+            with out.fs.open(part, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(incremental.BATCH_ROWS, columns=["image_id", "uri"]):
+                    shard = pc.replace_substring_regex(batch.column("uri"), "#[^#]*$", "")
+                    rows = batch.filter(pc.is_in(shard, value_set=todo["uri"]))  # vectorised: most rows go here
+                    for image_id, uri in zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()):
+                        if listing.image_id(uri, versions[uri.rpartition("#")[0]]) != image_id:
+                            stale.setdefault(part, set()).add(image_id)
+    return stale
 
 
 def done_keys(out: storage.Location, folders: tuple[str, ...]) -> np.ndarray:
