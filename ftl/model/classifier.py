@@ -3,6 +3,8 @@
 It is saved as a folder (ftl_model.json, backbone.safetensors, head.safetensors) and
 served through MLflow's pyfunc `loader_module` protocol: `_load_pyfunc(path)` returns an
 object with `predict(DataFrame)`. This module does not import MLflow; tracking.py does.
+It ships, with the rest of ftl/model, as the registered model's code: nothing here imports Ray,
+pydantic, MLflow or the pipeline's packages (tests/test_model_package.py holds it to that).
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ftl.io import storage
 from ftl.model import backbones, heads, imaging
 
-META = "ftl_model.json"
-MAX_PIXELS = 89_478_485
+META = "ftl_model.json"  # models registered before ftl/model existed (loader ftl.pyfunc) use the same format
+MAX_PIXELS = 89_478_485  # PIL's own default: serving never needs to move PIL's process-wide limit
 
 
 def save(path: str, *, head: heads.Head, backbone: torch.nn.Module, provenance: dict, layer: dict,
@@ -83,13 +84,16 @@ class ImageClassifier:
             "probabilities": [row.astype(np.float64).tolist() for row in proba],
         })
 
-    def get_raw_model(self) -> "ImageClassifier":
+    def get_raw_model(self) -> ImageClassifier:
         return self
 
 
 def read(uri: str) -> bytes:
-    loc = storage.locate(uri)
-    return loc.fs.cat_file(loc.path)
+    """An image's bytes from a path or any fsspec URL (s3:// reads the standard AWS environment)."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
 
 
 def _load_pyfunc(path: str) -> ImageClassifier:

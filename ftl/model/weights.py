@@ -7,15 +7,17 @@ import importlib.util
 import io
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import nn
 
 from ftl.errors import WeightsError
-from ftl.io import storage
 from ftl.model import backbones
+
+if TYPE_CHECKING:
+    from ftl.io import storage
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class WeightsRef:
 
 def resolve(backbone: str, weights: str, *, storage_options: dict[str, Any] | None = None) -> WeightsRef:
     """Turn `extract.weights` into a reference with a sha256, downloading enum weights if needed."""
+    from ftl.io import storage  # here: the registered image model ships ftl/model without ftl/io
+
     if weights == "random":
         return WeightsRef("random", f"random-seed{RANDOM_SEED}", None, None)
     if weights in SHIPPED:
@@ -134,6 +138,8 @@ def load(backbone: str, ref: WeightsRef, *, storage_options: dict[str, Any] | No
 
 
 def read_state_dict(uri: str, storage_options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    from ftl.io import storage
+
     loc = storage.locate(uri, storage_options)
     data = loc.fs.cat_file(loc.path)
     if uri.endswith(".safetensors"):

