@@ -159,7 +159,7 @@ def synthetic(folder: Path, n: int, new: int, rows_per_part: int) -> None:
         pq.write_table(part, folder / "out" / "features" / f"part-{k:06d}.parquet")
     label = CLASSES.take(pa.array(np.arange(n + new) % 10))
     split = pa.array(np.full(n + new, "train", dtype=object), pa.string())
-    table = pa.Table.from_arrays([ids, uri, label, split], schema=listing.LISTING)
+    table = pa.Table.from_arrays([ids, uri, label, split, pa.nulls(len(ids), pa.int64())], schema=listing.LISTING)
     pq.write_table(table, folder / "listing.parquet")
 
 

@@ -48,7 +48,12 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
-def with_retries(fn: Callable[[], T], *, attempts: int = 4, base_delay: float = 0.5, max_delay: float = 8.0) -> T:
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 8.0) -> float:
+    """Seconds to wait before retry `attempt` + 1: exponential, capped, jittered so retries spread out."""
+    return min(cap, base * 2**attempt) * (0.5 + random.random())
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int = 4) -> T:
     """Call `fn`, retrying transient errors with jittered exponential backoff; re-raise the last error."""
     for attempt in range(attempts):
         try:
@@ -56,5 +61,5 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 4, base_delay: float = 
         except Exception as e:
             if attempt == attempts - 1 or not is_transient(e):
                 raise
-            time.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
+            time.sleep(backoff(attempt))
     raise AssertionError("unreachable")

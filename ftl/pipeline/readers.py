@@ -9,57 +9,88 @@ accounted for.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from ftl.io import schema, storage
+from ftl.io import retry, schema, storage
 from ftl.model import imaging
 
 READ, DECODE = "read", "decode"  # the stages a reader marks a failed row with
+READ_ATTEMPTS = 4  # fetches of an object whose reads fail for a passing reason
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to PIL
 
 
-def read_all(uris: list[str], storage_options: dict | None) -> list[bytes | Exception]:
-    """Fetch many objects; s3fs fetches a list concurrently, and errors come back per object."""
+def read_all(uris: list[str], storage_options: dict | None, *, attempts: int = READ_ATTEMPTS) -> list:
+    """Fetch many objects (s3fs fetches a list concurrently); errors come back per object.
+
+    Objects that failed for a passing reason (timeouts, throttling, 5xx) are fetched again, a
+    bounded number of times with backoff; what still fails comes back as its last error.
+    """
+    got: dict[str, bytes | Exception] = {}
     if not uris:
         return []
     loc = storage.locate(uris[0], storage_options)
     paths = [storage.strip_scheme(u) for u in uris]
-    got = loc.fs.cat(paths, on_error="return")
-    return [got.get(p, FileNotFoundError(p)) for p in paths]
+    wanted = paths
+    for attempt in range(attempts):
+        try:
+            fetched = loc.fs.cat(wanted, on_error="return")
+            got.update({p: fetched.get(p, FileNotFoundError(p)) for p in wanted})
+        except Exception as e:  # the whole request failed: every object of it is unread
+            got.update(dict.fromkeys(wanted, e))
+        wanted = [p for p in wanted if isinstance(got[p], Exception) and retry.is_transient(got[p])]
+        if not wanted or attempt == attempts - 1:
+            break
+        time.sleep(retry.backoff(attempt))
+    return [got[p] for p in paths]
 
 
-def blobs(batch: pa.Table, storage_options: dict | None) -> tuple[list[bytes | Exception], np.ndarray]:
+def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) -> tuple[list, np.ndarray]:
     """Each row's bytes (or the error reading them), and which rows are already done."""
     n = batch.num_rows
     done = batch["done"].to_numpy(zero_copy_only=False) if "done" in batch.column_names else np.zeros(n, bool)
     if "data" in batch.column_names:  # WebDataset: the bytes came inline from the shard
         return batch["data"].to_pylist(), done
-    try:
-        return read_all(batch["uri"].to_pylist(), storage_options), done
-    except Exception as e:  # the whole request failed: every image of the batch is unreadable
-        return [e] * n, done
+    uris = batch["uri"].to_pylist()
+    sizes = batch["size"].to_pylist() if "size" in batch.column_names else [None] * n
+    # Over the cap by the listing's size: refused before a byte is read.
+    over = {i: TooBig(f"{size} bytes exceeds extract.max_image_bytes={max_bytes}")
+            for i, size in enumerate(sizes) if max_bytes and size is not None and size > max_bytes and not done[i]}
+    todo = [i for i in range(n) if i not in over and not done[i]]
+    data: list = [b""] * n
+    for i, blob in zip(todo, read_all([uris[i] for i in todo], storage_options)):
+        data[i] = blob
+    for i, e in over.items():
+        data[i] = e
+    return data, done
 
 
 def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+class TooBig(ValueError):
+    """An object over extract.max_image_bytes; known from the listing, never read."""
+
+
 def each_row(batch: pa.Table, *, fill: Callable[[int, bytes], None], max_pixels: int,
-             storage_options: dict | None) -> tuple[np.ndarray, np.ndarray]:
+             storage_options: dict | None, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read the batch, call `fill(row, bytes)` on each row to do; returns `stage` and `error` per row."""
     imaging.set_pil_limit(max_pixels)  # a no-op after a worker's first batch
     n = batch.num_rows
     stage = np.full(n, schema.ERROR_NONE, dtype=object)
     error = np.full(n, schema.ERROR_NONE, dtype=object)
-    data, done = blobs(batch, storage_options)
+    data, done = blobs(batch, storage_options, max_bytes)
     for i, blob in enumerate(data):
         if done[i]:  # already in the output: carried only to be counted
             stage[i] = schema.STAGE_DONE
         elif isinstance(blob, Exception):
-            stage[i], error[i] = READ, reason(blob)
+            # A passing failure is left for the next run; only a lasting one is quarantined.
+            stage[i] = schema.STAGE_RETRY if retry.is_transient(blob) else READ
+            error[i] = reason(blob)
         else:
             try:
                 fill(i, blob)
@@ -69,7 +100,7 @@ def each_row(batch: pa.Table, *, fill: Callable[[int, bytes], None], max_pixels:
 
 
 def decode_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int,
-                 storage_options: dict | None) -> pa.Table:
+                 storage_options: dict | None, max_bytes: int | None = None) -> pa.Table:
     """A Ray Data batch of listed images → pixels, sizes, and per-row errors."""
     n = batch.num_rows
     pixels = np.zeros((n, pre.crop, pre.crop, 3), dtype=np.uint8)
@@ -79,7 +110,8 @@ def decode_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int,
     def fill(i: int, blob: bytes) -> None:
         pixels[i], width[i], height[i] = imaging.decode_one(blob, pre, max_pixels=max_pixels)
 
-    stage, error = each_row(batch, fill=fill, max_pixels=max_pixels, storage_options=storage_options)
+    stage, error = each_row(batch, fill=fill, max_pixels=max_pixels, storage_options=storage_options,
+                            max_bytes=max_bytes)
     # Imported here: ray.data takes seconds to import, and only reader tasks need its tensor type.
     from ray.data.extensions import ArrowTensorArray
 
@@ -88,7 +120,7 @@ def decode_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int,
 
 
 def read_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int,
-               storage_options: dict | None) -> pa.Table:
+               storage_options: dict | None, max_bytes: int | None = None) -> pa.Table:
     """extract.decode=device: JPEG bytes (and EXIF orientation) for the actor's device, or CPU-decoded raw pixels."""
     n = batch.num_rows
     jpeg, raw = [b""] * n, [b""] * n
@@ -104,7 +136,8 @@ def read_batch(batch: pa.Table, *, pre: imaging.Preprocess, max_pixels: int,
             raw[i] = imaging.decode(img, header=header, pre=pre).tobytes()
         width[i], height[i] = header.width, header.height
 
-    stage, error = each_row(batch, fill=fill, max_pixels=max_pixels, storage_options=storage_options)
+    stage, error = each_row(batch, fill=fill, max_pixels=max_pixels, storage_options=storage_options,
+                            max_bytes=max_bytes)
     columns = {"jpeg": pa.array(jpeg, pa.binary()), "pixels": pa.array(raw, pa.binary()),
                "orientation": pa.array(orientation)}
     return table(batch, columns=columns, width=width, height=height, stage=stage, error=error)

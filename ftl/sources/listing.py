@@ -15,8 +15,10 @@ from ftl.config import SourceConfig
 from ftl.errors import SourceError
 from ftl.io import storage
 
+# `size` (bytes, when the store reports it) lets readers refuse an oversized object before reading it.
 LISTING = pa.schema(
-    [("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string())]
+    [("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("split", pa.string()),
+     ("size", pa.int64())]
 )
 
 
@@ -65,6 +67,7 @@ def imagefolder(root: storage.Location, extensions: list[str]) -> pa.Table:
         rows["uri"].append(uri)
         rows["label"].append(parts[-2] if len(parts) >= 2 else None)
         rows["split"].append(parts[-3] if len(parts) >= 3 else None)
+        rows["size"].append(info.get("size"))
     return pa.table(rows or {n: [] for n in LISTING.names}, schema=LISTING)
 
 
@@ -79,18 +82,19 @@ def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
     base = loc.join("..")
     base = storage.Location(base.fs, posixpath.normpath(base.path))
     uris = [storage.resolve(base, u) for u in table["uri"].to_pylist()]
-    versions = stat_all(uris, storage_options)
+    found = stat_all(uris, storage_options)
     columns = {
-        "image_id": [image_id(u, versions.get(u, "missing")) for u in uris],
+        "image_id": [image_id(u, found[u]["version"] if u in found else "missing") for u in uris],
         "uri": uris,
         "label": _strings(table, "label"),
         "split": _strings(table, "split"),
+        "size": [found.get(u, {}).get("size") for u in uris],
     }
     return pa.table(columns, schema=LISTING)
 
 
-def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, str]:
-    """Versions of many objects with one listing per folder instead of one request per object."""
+def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, dict]:
+    """Version and size of many objects with one listing per folder instead of one request per object."""
     by_dir = defaultdict(set)
     for u in uris:
         by_dir[posixpath.dirname(u)].add(u)
@@ -102,7 +106,7 @@ def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, str]:
         for info in loc.fs.ls(loc.path, detail=True):
             uri = loc.to_uri(info["name"])
             if uri in wanted:
-                versions[uri] = version_of(info)
+                versions[uri] = {"version": version_of(info), "size": info.get("size")}
     return versions
 
 
