@@ -135,7 +135,7 @@ def log_file(path: str, folder: str | None = None) -> None:
     mlflow.log_artifact(path, folder)
 
 
-def feature_dataset(uri: str, *, name: str, digest: str, rows: int | None = None):
+def feature_dataset(uri: str, *, name: str, digest: str):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -280,11 +280,6 @@ def load_classifier(model_uri: str, *, tracking_uri: str | None = None):
     except Exception as e:
         raise TrackingError(f"cannot load model {model_uri} from {mlflow.get_tracking_uri()}: {e}") from e
 
-
-def current_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 def temp_dir():
