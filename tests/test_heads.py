@@ -1,13 +1,16 @@
-"""Heads fitted with Ray Train on real Fashion-MNIST MobileNetV2 features: quality and worker counts."""
+"""Heads fitted with Ray Train on real Fashion-MNIST MobileNetV2 features: quality and worker counts;
+the training core's rules (what weight decay applies to, which state early stopping keeps)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ftl.config import TrainConfig
 from ftl.io import storage
-from ftl.train import evaluate, features, fit
+from ftl.model import heads
+from ftl.train import core, evaluate, features, fit
 from tests.conftest import BUCKET
 
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
@@ -62,3 +65,33 @@ def test_two_workers_match_one(data, ray_runtime, tmp_path):
     assert (one.workers, two.workers) == (1, 2) and len(two.history) == 30
     # Standardisation is baked into the head: raw features in, the train mean and std inside.
     np.testing.assert_allclose(two.head.mean.numpy(), data.x["train"].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def shapes(groups: list[dict]) -> list[list[tuple]]:
+    return [[tuple(p.shape) for p in g["params"]] for g in groups]
+
+
+def test_param_groups_decay_weights_not_biases_and_skip_frozen_parameters():
+    head = heads.Head(4, 3, hidden=[5])
+    groups = core.param_groups(head, lr=0.1, weight_decay=0.01)
+    assert shapes(groups) == [[(5, 4), (3, 5)], [(5,), (3,)]]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 0.01), (0.1, 0.0)]
+    head.net[0].requires_grad_(False)  # a frozen block, as fine-tuning leaves early backbone stages
+    assert shapes(core.param_groups(head, lr=0.1, weight_decay=0.01)) == [[(3, 5)], [(3,)]]
+
+
+def test_early_stopping_keeps_the_lowest_val_loss_and_stops_after_patience():
+    model = torch.nn.Linear(1, 2)
+    x, y = torch.ones(4, 1), torch.zeros(4, dtype=torch.long)
+    stop = core.EarlyStopping(patience=2)
+    stopped = []
+    # The bias of class 0 sets the val loss: 2.0 is the best epoch, then two worse ones use up the patience.
+    for epoch, bias in enumerate([1.0, 2.0, 1.5, 1.9]):
+        with torch.no_grad():
+            model.weight.zero_()
+            model.bias.copy_(torch.tensor([bias, 0.0]))
+        stopped.append(stop.observe(model, x, y, epoch=epoch, train_loss=0.0, lr=0.1))
+    assert stopped == [False, False, False, True]
+    assert stop.epoch == 1 and [h["epoch"] for h in stop.history] == [0, 1, 2, 3]
+    assert stop.best(model)["bias"].tolist() == [2.0, 0.0] and model.bias[0].item() == pytest.approx(1.9)
+    assert all(h["val_accuracy"] == 1.0 for h in stop.history) and not model.training

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ftl.config import Workflow
 from ftl.errors import FeatureError
 from ftl.io import schema, storage
 
 SPLITS = ("train", "val", "test")
-
 
 
 @dataclass
@@ -40,6 +40,13 @@ class FeatureData:
         for f in sorted(self.files):
             h.update(f.encode())
         return h.hexdigest()[:16]
+
+
+def uri_of(wf: Workflow) -> str:
+    """Where the workflow's features are: train.features, else the folder extract writes under extract.output."""
+    from ftl.io.sink import FEATURES  # imported here: the sink module pulls in Ray Data
+
+    return wf.train.features or storage.locate(wf.extract.output, wf.storage.options).join(FEATURES).uri
 
 
 def check_provenance(loc: storage.Location, parts: list[str]) -> dict:

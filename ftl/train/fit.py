@@ -7,7 +7,6 @@ to every worker, so all of them take the same early-stopping decision.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -22,6 +21,7 @@ from torch import nn
 from ftl.config import TrainConfig
 from ftl.io import storage
 from ftl.model import heads
+from ftl.train import core
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
 
@@ -66,15 +66,6 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return value
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y).item()
-        acc = (logits.argmax(1) == y).float().mean().item()
-    return loss, acc
-
-
 def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the history."""
     import ray.train
@@ -112,61 +103,29 @@ def train_loop(config: dict) -> dict:
     }
 
 
-class EarlyStopping:
-    """Keeps the head's state at its best val loss; says when patience has run out."""
-
-    def __init__(self, patience: int):
-        self.patience, self.waited, self.best_loss, self.state = patience, 0, math.inf, None
-
-    def update(self, head: nn.Module, val_loss: float) -> bool:
-        if val_loss < self.best_loss - 1e-5:
-            self.best_loss, self.waited, self.state = val_loss, 0, copy.deepcopy(head.state_dict())
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
-
-    def best(self, head: nn.Module) -> dict:
-        # None only if the val loss was never finite: then the last state is all there is.
-        return self.state or copy.deepcopy(head.state_dict())
-
-
 def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
     """Minibatch AdamW, cosine schedule, early stopping on val loss; DDP across workers."""
     import ray.train.torch
 
-    world = ray.train.get_context().get_world_size()
+    world = ray_world()
     model = ray.train.torch.prepare_model(head) if world > 1 else head
-    decayed = {id(p) for p in head.decayed()}
-    groups = [
-        {"params": [p for p in head.parameters() if id(p) in decayed], "weight_decay": wd},
-        {"params": [p for p in head.parameters() if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt = torch.optim.AdamW(core.param_groups(head, lr=cfg.lr, weight_decay=wd))
     per_worker = max(1, cfg.batch_size // world)
-    steps = math.ceil(len(y) / per_worker)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    sched = core.cosine(opt, epochs=cfg.epochs, rows=len(y), batch_size=per_worker)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     g = torch.Generator().manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
-    history, stop = [], EarlyStopping(cfg.patience)
+    stop = core.EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(y), generator=g).to(x.device)
         total = 0.0
-        for i in range(steps):
-            idx = order[i * per_worker : (i + 1) * per_worker]
+        for idx in core.minibatches(len(y), batch_size=per_worker, generator=g, device=x.device):
             loss = loss_fn(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            core.step(loss, opt=opt, sched=sched)
             total += loss.item() * len(idx)
         train_loss = all_reduce(torch.tensor(total, device=x.device)).item() / (len(y) * world)
-        val_loss, val_acc = evaluate(head, xv, yv)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_accuracy": val_acc, "lr": sched.get_last_lr()[0]})
-        if stop.update(head, val_loss):
+        if stop.observe(head, xv, yv, epoch=epoch, train_loss=train_loss, lr=sched.get_last_lr()[0]):
             break
-    return history, stop.best(head)
+    return stop.history, stop.best(head)
 
 
 def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
@@ -188,24 +147,22 @@ def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
             for p in head.parameters():
                 all_reduce(p.grad)
             data = all_reduce(data.detach().clone())
-        reg = 0.5 * wd * sum((w * w).sum() for w in head.decayed())
+        reg = 0.5 * wd * sum((w * w).sum() for w in core.decayed(head))
         if wd:
             reg.backward()
         return data.detach() + reg.detach()
 
-    history, stop = [], EarlyStopping(cfg.patience)
+    stop = core.EarlyStopping(cfg.patience)
     head.train()
     for epoch in range(cfg.epochs):
         train_loss = float(opt.step(closure))
-        val_loss, val_acc = evaluate(head, xv, yv)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_accuracy": val_acc, "lr": 1.0})
+        stopped = stop.observe(head, xv, yv, epoch=epoch, train_loss=train_loss, lr=1.0)
         head.train()
-        if stop.update(head, val_loss):
+        if stopped:
             break
         if opt.state[next(head.parameters())].get("n_iter", 0) < (epoch + 1) * LBFGS_ITERS:
             break  # converged: L-BFGS stopped before its iteration budget
-    return history, stop.best(head)
+    return stop.history, stop.best(head)
 
 
 def ray_world() -> int:

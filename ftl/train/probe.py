@@ -6,38 +6,45 @@ Tune trial would start a worker group and re-read the features for each of them,
 overhead, not the training, would dominate (seconds per trial against milliseconds of work).
 As DINOv2's linear evaluation does, every head reads the same shuffled minibatch stream: each
 step gathers one batch of rows for all layers and updates all heads with one AdamW optimizer,
-one parameter group per head carrying its own lr and weight decay. Heads share no parameters,
-so summing their losses keeps their gradients independent, and the comparison is fair: same
-initialisation seed, same batches, same schedule. It runs in the calling process, on CUDA
+whose parameter groups (`core.param_groups`, per head) carry each head's lr and weight decay.
+Heads share no parameters, so summing their losses keeps their gradients independent, and the
+comparison is fair: same initialisation seed, same batches, same schedule. It runs in the calling process, on CUDA
 when that process has it; the features are standardised once per layer, not once per head.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from ftl.model import heads
+from ftl.train import core
 
 
 @dataclass
 class Trial:
-    """One head: its layer and hyper-parameters, its kept (lowest val loss) state and history."""
+    """One trained head: its layer and hyper-parameters, its kept (lowest val loss) epoch and its history."""
 
     layer: str
     lr: float
     weight_decay: float
     head: heads.Head
-    epoch: int = -1
-    history: list[dict] = field(default_factory=list)
-    best_loss: float = math.inf
-    waited: int = 0
-    state: dict | None = None
+    epoch: int
+    history: list[dict]
+
+
+@dataclass
+class Running:
+    """A head while it trains, with its own early stopping."""
+
+    layer: str
+    lr: float
+    weight_decay: float
+    head: heads.Head
+    stop: core.EarlyStopping
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -50,7 +57,7 @@ def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray]
               seed: int = 0, device: str = "auto") -> list[Trial]:
     """Train a head per layer (x: layer → train rows) × lr × weight decay; each keeps its best val-loss epoch."""
     dev = pick_device(device)
-    z, zv, trials = {}, {}, []
+    z, zv, runs = {}, {}, []
     for layer, rows in x.items():
         mean, std = heads.standardisation(rows)
         z[layer] = torch.from_numpy((rows - mean) / std).to(dev)
@@ -59,65 +66,44 @@ def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray]
             for wd in weight_decays:
                 torch.manual_seed(seed)  # the same initial head for every grid point of a layer
                 head = heads.Head(rows.shape[1], classes, hidden=hidden, dropout=dropout, mean=mean, std=std)
-                trials.append(Trial(layer=layer, lr=lr, weight_decay=wd, head=head.to(dev)))
-    opt = torch.optim.AdamW(param_groups(trials))
-    steps = math.ceil(len(y) / batch_size)
-    # The cosine factor is the same for every group, so each head keeps its own lr's shape.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    yt, yvt = torch.from_numpy(y).to(dev), torch.from_numpy(yv).to(dev)
-    gen = torch.Generator().manual_seed(seed)
-    active = list(trials)
-    for epoch in range(epochs):
-        for t in active:
-            t.head.train()
-        totals = torch.zeros(len(active), device=dev)
-        order = torch.randperm(len(y), generator=gen).to(dev)
-        for i in range(steps):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            batch = {layer: rows[idx] for layer, rows in z.items()}
-            losses = torch.stack([loss_fn(t.head.net(batch[t.layer]), yt[idx]) for t in active])
-            # Stopped heads keep grad None, so AdamW leaves them (and their weight decay) alone.
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            opt.step()
-            sched.step()
-            totals += losses.detach() * len(idx)
-        factor = opt.param_groups[0]["lr"] / trials[0].lr
-        for t, total in zip(active, (totals / len(y)).tolist()):
-            observe(t, epoch, total, zv[t.layer], yvt, lr=t.lr * factor)
-        active = [t for t in active if t.waited < patience]
-        if not active:
-            break
-    for t in trials:
-        t.head.load_state_dict(t.state)
-        t.head = t.head.cpu().eval()
-        t.state = None
+                runs.append(Running(layer=layer, lr=lr, weight_decay=wd, head=head.to(dev),
+                                    stop=core.EarlyStopping(patience)))
+    train_all(runs, z=z, y=torch.from_numpy(y).to(dev), zv=zv, yv=torch.from_numpy(yv).to(dev), epochs=epochs,
+              batch_size=batch_size, label_smoothing=label_smoothing, seed=seed)
+    trials = []
+    for r in runs:
+        # The heads trained on standardised rows (their `net`); the kept state is the net's.
+        r.head.net.load_state_dict(r.stop.best(r.head.net))
+        trials.append(Trial(layer=r.layer, lr=r.lr, weight_decay=r.weight_decay, head=r.head.cpu().eval(),
+                            epoch=r.stop.epoch, history=r.stop.history))
     return trials
 
 
-def param_groups(trials: list[Trial]) -> list[dict]:
-    """One group of decayed weights and one of biases per head, with the head's lr."""
-    groups = []
-    for t in trials:
-        decayed = {id(p) for p in t.head.decayed()}
-        groups.append({"params": list(t.head.decayed()), "lr": t.lr, "weight_decay": t.weight_decay})
-        groups.append({"params": [p for p in t.head.parameters() if id(p) not in decayed], "lr": t.lr,
-                       "weight_decay": 0.0})
-    return groups
-
-
-def observe(t: Trial, epoch: int, train_loss: float, zv: torch.Tensor, yv: torch.Tensor, *, lr: float) -> None:
-    """Val loss and accuracy after an epoch; keep the state when val loss improved (early stopping)."""
-    t.head.eval()
-    with torch.no_grad():
-        logits = t.head.net(zv)
-        val_loss = nn.functional.cross_entropy(logits, yv).item()
-        val_acc = (logits.argmax(1) == yv).float().mean().item()
-    t.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                      "lr": lr})
-    if val_loss < t.best_loss - 1e-5 or t.state is None:
-        t.best_loss, t.waited, t.epoch = val_loss, 0, epoch
-        t.state = copy.deepcopy(t.head.state_dict())
-    else:
-        t.waited += 1
+def train_all(runs: list[Running], *, z: dict[str, torch.Tensor], y: torch.Tensor, zv: dict[str, torch.Tensor],
+              yv: torch.Tensor, epochs: int, batch_size: int, label_smoothing: float, seed: int) -> None:
+    """One AdamW over all heads on one minibatch stream, until every head has stopped or epochs run out."""
+    opt = torch.optim.AdamW([group for r in runs
+                             for group in core.param_groups(r.head, lr=r.lr, weight_decay=r.weight_decay)])
+    # The cosine factor is the same for every group, so each head keeps its own lr's shape.
+    sched = core.cosine(opt, epochs=epochs, rows=len(y), batch_size=batch_size)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    gen = torch.Generator().manual_seed(seed)
+    active = list(runs)
+    for epoch in range(epochs):
+        for r in active:
+            r.head.train()
+        totals = torch.zeros(len(active), device=y.device)
+        for idx in core.minibatches(len(y), batch_size=batch_size, generator=gen, device=y.device):
+            batch = {layer: rows[idx] for layer, rows in z.items()}
+            losses = torch.stack([loss_fn(r.head.net(batch[r.layer]), y[idx]) for r in active])
+            # Stopped heads keep grad None, so AdamW leaves them (and their weight decay) alone.
+            core.step(losses.sum(), opt=opt, sched=sched)
+            totals += losses.detach() * len(idx)
+        factor = opt.param_groups[0]["lr"] / runs[0].lr
+        still = []
+        for r, total in zip(active, (totals / len(y)).tolist()):
+            if not r.stop.observe(r.head.net, zv[r.layer], yv, epoch=epoch, train_loss=total, lr=r.lr * factor):
+                still.append(r)
+        active = still
+        if not active:
+            break

@@ -2,7 +2,7 @@
 
 Per backbone: extract once, tapping all its layers in one forward pass (reusing what is
 already extracted), then fit a head for every layer × lr × weight decay in one pass over the
-cached features (`ftl/probe.py` says why that and not Ray Tune). The best trial on val
+cached features (`ftl/train/probe.py` says why that and not Ray Tune). The best trial on val
 accuracy (ties: lower val log loss) is evaluated on test once, then logged and registered as
 `ftl train` does: the head and the composed image → class model. MLflow gets one parent run
 and a child run per trial, all children with the same param and metric names.
@@ -14,22 +14,25 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from ftl import config, tracking
 from ftl.config import SweepBackbone, Workflow
+from ftl.errors import TrainError
 from ftl.extract import stage as extract
 from ftl.io import storage
-from ftl.model import backbones
-from ftl.train import evaluate, features, probe
-from ftl.train import stage as train
+from ftl.model import backbones, heads
+from ftl.train import evaluate, features, probe, register
 
 KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepResult:
+    """What `ftl sweep` did: its extractions, every trial, the chosen one and its registered models."""
+
     run_id: str
     link: str
     extractions: list[extract.ExtractResult]
@@ -41,28 +44,30 @@ class SweepResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
 
-    def curve(self) -> dict[tuple[str, str], dict[str, float]]:
-        """Best val accuracy per layer (over the grid), per (backbone, weights), in depth order."""
-        out: dict = {}
-        for t in sorted(self.trials, key=lambda t: t["layer_index"]):
-            layers = out.setdefault((t["backbone"], t["weights"]), {})
-            layers[t["layer"]] = max(layers.get(t["layer"], 0.0), t["val/accuracy"])
-        return out
-
     def summary(self) -> str:
-        lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]" for r in self.extractions]
-        for (backbone, weights), layers in self.curve().items():
+        lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]"
+                 for r in self.extractions]
+        for (backbone, weights), layers in curve(self.trials).items():
             lines.append(f"val accuracy by layer, {backbone} ({weights}): "
                          + "  ".join(f"{name} {acc:.4f}" for name, acc in layers.items()))
         b, m = self.best, self.metrics
         lines += [
-            f"best of {len(self.trials)} trials: {b['backbone']} ({b['weights']}) layer {b['layer']}, lr {b['lr']}, "
-            f"weight decay {b['weight_decay']}: val accuracy {m['val/accuracy']:.4f}, "
-            f"test accuracy {m['test/accuracy']:.4f}, test macro-F1 {m['test/macro_f1']:.4f} in {self.seconds:.1f}s",
+            (f"best of {len(self.trials)} trials: {b['backbone']} ({b['weights']}) layer {b['layer']}, "
+             f"lr {b['lr']}, weight decay {b['weight_decay']}: val accuracy {m['val/accuracy']:.4f}, "
+             f"test accuracy {m['test/accuracy']:.4f}, test macro-F1 {m['test/macro_f1']:.4f} in {self.seconds:.1f}s"),
             f"head model:  {self.head_model}", f"image model: {self.model or 'not logged'}",
             f"MLflow run {self.run_id}: {self.link}",
         ]
         return "\n".join(lines + self.notes)
+
+
+def curve(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """Best val accuracy per layer (over the grid), per (backbone, weights), in depth order."""
+    out: dict = {}
+    for t in sorted(rows, key=lambda t: t["layer_index"]):
+        layers = out.setdefault((t["backbone"], t["weights"]), {})
+        layers[t["layer"]] = max(layers.get(t["layer"], 0.0), t["val/accuracy"])
+    return out
 
 
 def output_of(wf: Workflow, entry: SweepBackbone) -> str:
@@ -99,12 +104,12 @@ def load_layers(sub: Workflow) -> dict[str, features.FeatureData]:
     t = sub.train
     out = {}
     for layer in sub.extract.layers:
-        out[layer] = features.load(train.features_uri(sub), layer=layer, val_fraction=t.val_fraction,
+        out[layer] = features.load(features.uri_of(sub), layer=layer, val_fraction=t.val_fraction,
                                    test_fraction=t.test_fraction, seed=t.seed, storage_options=sub.storage.options)
     first = next(iter(out.values()))
     for data in out.values():
         if not all(np.array_equal(data.y[s], first.y[s]) for s in features.SPLITS):
-            raise train.TrainError(f"layers at {first.uri} do not read back in the same row order; re-extract them")
+            raise TrainError(f"layers at {first.uri} do not read back in the same row order; re-extract them")
     return out
 
 
@@ -124,30 +129,43 @@ def run(wf: Workflow) -> SweepResult:
         extracted.append((sub, result, tracking.log_extraction(sub.tracking, workflow=wf.name, result=result,
                                                                params=params)))
     tracking.setup(wf.tracking, wf.name)
-    registered = wf.tracking.registered_model or wf.name
-    rows, chosen = [], None
     with tracking.start(wf.tracking, name="sweep", stage="sweep") as run_id:
         tracking.log_params(params)
         tracking.log_text(config.to_yaml(wf), "workflow.yaml")
-        for sub, result, extraction_run in extracted:
-            data = load_layers(sub)
-            for row, head in sweep_backbone(wf, sub, data, extraction_run):
-                rows.append(row)
-                if chosen is None or rank(row) > rank(chosen[0]):
-                    chosen = (row, head, data[row["layer"]], sub, extraction_run)
-        best, head, data, sub, extraction_run = chosen
-        for row in rows:
-            row["chosen"] = row is best
+        rows, chosen = fit_all(wf, extracted)
         with tracking.temp_dir() as tmp:
             tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
             tracking.log_file(curve_png(rows, os.path.join(tmp, "layer_val_accuracy.png")))
-        metrics = train.log_evaluation(head, data)  # the one and only look at test
-        out = SweepResult(run_id=run_id, link="", extractions=[r for _, r, _ in extracted], trials=rows, best=best,
-                          metrics=metrics, model=None, head_model="", seconds=0.0)
-        register(out, head, data, sub, registered=registered, extraction_run=extraction_run)
-    out.seconds = time.perf_counter() - started
-    out.link = tracking.run_link(run_id)
-    return out
+        metrics = register.log_evaluation(chosen.head, data=chosen.data)  # the one and only look at test
+        models = register_best(chosen, registered=wf.tracking.registered_model or wf.name, run_id=run_id,
+                               trials=len(rows))
+    return SweepResult(run_id=run_id, link=tracking.run_link(run_id), extractions=[r for _, r, _ in extracted],
+                       trials=rows, best=chosen.row, metrics=metrics, model=models.image, head_model=models.head,
+                       seconds=time.perf_counter() - started, notes=models.notes)
+
+
+class Chosen(NamedTuple):
+    """The best trial so far: its row, its head, and what registering it needs."""
+
+    row: dict
+    head: heads.Head
+    data: features.FeatureData
+    sub: Workflow
+    extraction_run: str
+
+
+def fit_all(wf: Workflow, extracted: list[tuple]) -> tuple[list[dict], Chosen]:
+    """A row per trial of every backbone, the chosen one marked; and the chosen trial."""
+    rows, chosen = [], None
+    for sub, _, extraction_run in extracted:
+        data = load_layers(sub)
+        for row, head in sweep_backbone(wf, sub, data, extraction_run):
+            rows.append(row)
+            if chosen is None or rank(row) > rank(chosen.row):
+                chosen = Chosen(row, head, data[row["layer"]], sub, extraction_run)
+    for row in rows:
+        row["chosen"] = row is chosen.row
+    return rows, chosen
 
 
 def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.FeatureData], extraction_run: str):
@@ -183,30 +201,26 @@ def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.Feature
         yield row, trial.head
 
 
-def register(out: SweepResult, head, data: features.FeatureData, sub: Workflow, *, registered: str,
-             extraction_run: str) -> None:
+def register_best(chosen: Chosen, *, registered: str, run_id: str, trials: int) -> register.Models:
     """The chosen head and the composed image model, registered as `ftl train` does; best-trial tags on the parent."""
-    b, prov = out.best, data.provenance
-    lineage = {"ftl.backbone": prov["backbone"], "ftl.layer": data.layer["name"], "ftl.feature_set": prov["feature_set"],
-               "ftl.weights_sha256": prov["weights"]["sha256"], "ftl.extraction_run": extraction_run or ""}
-    result = train.TrainResult(run_id=out.run_id, link="", layer=data.layer["name"],
-                               rows={s: data.rows(s) for s in features.SPLITS}, metrics=out.metrics,
-                               best={"epoch": b["best_epoch"], "weight_decay": b["weight_decay"]}, model=None,
-                               head_model="", checkpoint="", seconds=0.0)
-    train.log_models(result, head, train.backbone_for(sub, prov), data, registered=registered,
-                     tags={**lineage, "ftl.sweep_run": out.run_id, "ftl.trial_run": b["run_id"]})
-    out.model, out.head_model, out.notes = result.model, result.head_model, result.notes
-    tracking.log_metrics({"best/val_accuracy": b["val/accuracy"], "trials": len(out.trials)})
-    tracking.set_tags({"ftl.best.backbone": b["backbone"], "ftl.best.weights": b["weights"], "ftl.best.layer": b["layer"],
-                       "ftl.best.lr": b["lr"], "ftl.best.weight_decay": b["weight_decay"],
+    b, data = chosen.row, chosen.data
+    tags = {**register.lineage(data, extraction_run=chosen.extraction_run), "ftl.sweep_run": run_id,
+            "ftl.trial_run": b["run_id"]}
+    models = register.log_models(chosen.head, backbone=register.backbone_for(chosen.sub, data.provenance), data=data,
+                                 registered=registered, tags=tags)
+    tracking.log_metrics({"best/val_accuracy": b["val/accuracy"], "trials": trials})
+    tracking.set_tags({"ftl.best.backbone": b["backbone"], "ftl.best.weights": b["weights"],
+                       "ftl.best.layer": b["layer"], "ftl.best.lr": b["lr"], "ftl.best.weight_decay": b["weight_decay"],
                        "ftl.best.trial_run": b["run_id"], "ftl.best.val_accuracy": b["val/accuracy"],
-                       "ftl.head_model": out.head_model, "ftl.image_model": out.model or ""})
+                       "ftl.head_model": models.head, "ftl.image_model": models.image or ""})
+    return models
 
 
 def write_table(rows: list[dict], path: str) -> str:
     import pandas as pd
 
-    pd.DataFrame(rows).sort_values(["backbone", "weights", "layer_index", "lr", "weight_decay"]).to_csv(path, index=False)
+    table = pd.DataFrame(rows).sort_values(["backbone", "weights", "layer_index", "lr", "weight_decay"])
+    table.to_csv(path, index=False)
     return path
 
 
@@ -217,10 +231,8 @@ def curve_png(rows: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    result = SweepResult(run_id="", link="", extractions=[], trials=rows, best={}, metrics={}, model=None,
-                         head_model="", seconds=0.0)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (backbone, weights), layers in result.curve().items():
+    for (backbone, weights), layers in curve(rows).items():
         xs = range(1, len(layers) + 1)
         ax.plot(xs, list(layers.values()), marker="o", label=f"{backbone} ({weights})")
         for x, (name, acc) in zip(xs, layers.items()):

@@ -1,0 +1,87 @@
+"""The training core every fit shares: optimizer groups, minibatches, validation, early stopping.
+
+The Ray Train fit (`fit.py`), the many-heads sweep (`probe.py`) and fine-tuning all train with
+these pieces, so a head follows the same rules whichever of them trains it: what weight decay
+applies to, how an epoch is batched, what "better" means on val, and which state is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+MIN_DELTA = 1e-5  # how much lower a val loss must be to count as better
+
+
+def decayed(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable weights that weight decay applies to: matrices and kernels, not biases or norm scales."""
+    return [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+
+
+def param_groups(module: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups of one module at its own lr: its decayed weights, then the rest undecayed."""
+    # One call per module (a head, a block of the backbone), so each can have its own lr.
+    decay = decayed(module)
+    ids = {id(p) for p in decay}
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": rest, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def cosine(opt: torch.optim.Optimizer, *, epochs: int, rows: int, batch_size: int):
+    """Cosine decay of every group's lr over all the steps of the run, stepped once per batch."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(rows / batch_size))
+
+
+def minibatches(rows: int, *, batch_size: int, generator: torch.Generator, device) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled row indices in batches (the last one may be short)."""
+    # Drawn on the CPU generator, so the order is the same on every device.
+    order = torch.randperm(rows, generator=generator).to(device)
+    for i in range(math.ceil(rows / batch_size)):
+        yield order[i * batch_size : (i + 1) * batch_size]
+
+
+def step(loss: torch.Tensor, *, opt: torch.optim.Optimizer, sched) -> None:
+    """One optimizer step on `loss`, then one of the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model's logits on held-out rows, in eval mode."""
+    model.eval()
+    logits = model(x)
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+class EarlyStopping:
+    """Validates after each epoch into a history, keeps the state of the lowest val loss, says when to stop."""
+
+    def __init__(self, patience: int):
+        self.patience, self.waited, self.best_loss = patience, 0, math.inf
+        self.epoch, self.state, self.history = -1, None, []
+
+    def observe(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoch: int, train_loss: float,
+                lr: float) -> bool:
+        """Record one epoch; True once `patience` epochs in a row brought no better val loss."""
+        val_loss, val_accuracy = validate(model, x, y)
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                             "val_accuracy": val_accuracy, "lr": lr})
+        if val_loss < self.best_loss - MIN_DELTA:
+            self.best_loss, self.epoch, self.waited = val_loss, epoch, 0
+            self.state = copy.deepcopy(model.state_dict())
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def best(self, model: nn.Module) -> dict:
+        """The kept state; the model's last one if the val loss was never finite."""
+        return self.state if self.state is not None else copy.deepcopy(model.state_dict())

@@ -1,0 +1,86 @@
+"""What `ftl train` and `ftl sweep` log for the head they keep: its evaluation, its models, their lineage.
+
+Both stages end the same way: the kept head is evaluated on val and test once, then logged and
+registered twice (the head alone, and composed with the backbone that made its features as an
+image → class model), each version tagged with where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ftl import tracking
+from ftl.config import Workflow
+from ftl.errors import TrainError, WeightsError
+from ftl.model import weights
+from ftl.train import evaluate
+from ftl.train.features import FeatureData
+
+
+@dataclass(frozen=True)
+class Models:
+    """The registered versions of one kept head."""
+
+    head: str  # models:/name-head/version
+    image: str | None  # models:/name/version of the composed image model; None when it cannot be rebuilt
+    notes: list[str] = field(default_factory=list)
+
+
+def backbone_for(wf: Workflow, prov: dict):
+    """The backbone with the very weights that made the features (sha256 checked), or None for random ones."""
+    w = prov["weights"]
+    if w["kind"] == "random":
+        return None
+    for candidate in dict.fromkeys([wf.extract.weights, w["id"].split(".")[-1]]):
+        try:
+            ref = weights.resolve(prov["backbone"], candidate, storage_options=wf.storage.options)
+        except WeightsError:
+            continue
+        if ref.sha256 == w["sha256"]:
+            return weights.load(prov["backbone"], ref, storage_options=wf.storage.options)
+    raise TrainError(
+        f"the features were made with weights {w['id']} (sha256 {w['sha256'][:12]}…), which neither "
+        f"extract.weights={wf.extract.weights!r} nor {w['id']!r} resolves to; set extract.weights to that file"
+    )
+
+
+def lineage(data: FeatureData, *, extraction_run: str | None) -> dict[str, str]:
+    """Tags that tie a run or a model version to the features it was trained on."""
+    prov = data.provenance
+    return {"ftl.backbone": prov["backbone"], "ftl.layer": data.layer["name"], "ftl.feature_set": prov["feature_set"],
+            "ftl.weights_sha256": prov["weights"]["sha256"], "ftl.extraction_run": extraction_run or ""}
+
+
+def log_evaluation(head, *, data: FeatureData) -> dict[str, float]:
+    """Metrics on val and test; the confusion matrix and per-class report of each as artifacts."""
+    out = {}
+    with tracking.temp_dir() as tmp:
+        for split in ("val", "test"):
+            proba = evaluate.predict_proba(head, data.x[split])
+            out.update({f"{split}/{k}": v for k, v in evaluate.metrics(proba, data.y[split]).items()})
+            tracking.log_text(evaluate.report(proba, data.y[split], data.classes), f"evaluation/{split}_report.txt")
+            png = os.path.join(tmp, f"{split}_confusion.png")
+            evaluate.confusion_png(proba, data.y[split], data.classes, png, title=f"{split}: {data.layer['name']}")
+            tracking.log_file(png, "evaluation")
+    tracking.log_metrics(out)
+    return out
+
+
+def log_models(head, *, backbone, data: FeatureData, registered: str, tags: dict) -> Models:
+    """The head (pt2) and the composed image model (pyfunc), both registered and tagged."""
+    from ftl.model import classifier, heads
+
+    head_info = tracking.log_head(heads.Probabilities(head).eval(), data.x["train"][:4], name="head",
+                                  registered=f"{registered}-head")
+    tracking.tag_version(f"{registered}-head", head_info.registered_model_version, tags)
+    head_model = f"models:/{registered}-head/{head_info.registered_model_version}"
+    if backbone is None:
+        return Models(head=head_model, image=None, notes=[
+            "image model not logged: the features come from random-init weights, which cannot be rebuilt"])
+    with tracking.temp_dir() as tmp:
+        folder = classifier.save(os.path.join(tmp, "model"), head=head, backbone=backbone, provenance=data.provenance,
+                                 layer=data.layer, classes=data.classes)
+        info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(data.classes))
+    tracking.tag_version(registered, info.registered_model_version, tags)
+    return Models(head=head_model, image=f"models:/{registered}/{info.registered_model_version}")
