@@ -10,6 +10,10 @@ import pyarrow as pa
 METADATA_KEY = b"ftl"
 FORMAT_VERSION = 1
 
+# Folders of an output: one row per image in exactly one of them (or in neither: not done yet).
+FEATURES = "features"
+QUARANTINE_FOLDER = "quarantine"
+
 # Columns every stage carries through unchanged, from the listing to the output and quarantine.
 PASSTHROUGH = ("image_id", "uri", "label", "split")
 

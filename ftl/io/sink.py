@@ -15,8 +15,7 @@ from ray.data.block import Block
 
 from ftl.io import schema, storage
 
-FEATURES = "features"
-QUARANTINE = "quarantine"
+FEATURES, QUARANTINE = schema.FEATURES, schema.QUARANTINE_FOLDER
 COUNTS = ("ok", "quarantined", "done", "retry")
 
 

@@ -26,10 +26,6 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
-    def decayed(self) -> list[nn.Parameter]:
-        """Weights that weight decay applies to (not biases)."""
-        return [m.weight for m in self.net if isinstance(m, nn.Linear)]
-
 
 class Probabilities(nn.Module):
     """The head as it is logged: logits → class probabilities."""

@@ -44,9 +44,8 @@ class FeatureData:
 
 def uri_of(wf: Workflow) -> str:
     """Where the workflow's features are: train.features, else the folder extract writes under extract.output."""
-    from ftl.io.sink import FEATURES  # imported here: the sink module pulls in Ray Data
 
-    return wf.train.features or storage.locate(wf.extract.output, wf.storage.options).join(FEATURES).uri
+    return wf.train.features or storage.locate(wf.extract.output, wf.storage.options).join(schema.FEATURES).uri
 
 
 def check_provenance(loc: storage.Location, parts: list[str]) -> dict:
