@@ -10,115 +10,17 @@ process on the machine, the test session's and other users' included.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from ftl import datasets
-from tests.conftest import free_port, write_workflow
-
-BIN = Path(sys.executable).parent
-PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-              "node-manager-port", "object-manager-port")
-
-
-class Head:
-    """A `ray start --head --block` in its own process session, with token auth on."""
-
-    def __init__(self, temp_dir: Path, log: Path):
-        self.token = secrets.token_hex(32)
-        ports = {flag: free_port() for flag in PORT_FLAGS}
-        self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-        # The job's driver inherits the head's environment: PATH finds this venv's `ftl`.
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-               "--temp-dir", str(temp_dir), "--disable-usage-stats", "--include-dashboard", "true",
-               "--dashboard-host", "127.0.0.1", "--object-store-memory", str(256 * 2**20)]
-        cmd += [arg for flag, port in ports.items() for arg in (f"--{flag}", str(port))]
-        self.log = log
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def api(self, path: str, *, token: str | None = "own") -> tuple[int, str]:
-        """GET a dashboard endpoint, with this head's bearer token unless told otherwise."""
-        req = urllib.request.Request(self.dashboard + path)
-        if token is not None:
-            req.add_header("Authorization", f"Bearer {self.token if token == 'own' else token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.api("/api/jobs/")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"the head's job server did not come up:\n{self.log.read_text()[-3000:]}")
-
-    def ray(self, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        """Ray's own CLI against this head."""
-        return subprocess.run([str(BIN / "ray"), *args], cwd=cwd, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def stop(self) -> None:
-        """End every process of this head's session; nothing else on the machine is touched."""
-        sid = self.proc.pid
-        procs = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == sid:
-                    procs.append(p)
-            except OSError:
-                pass
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        self.proc.wait(timeout=10)
-
-
-def session_members(sid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p.pid)
-        except OSError:
-            pass
-    return out
+from tests.cluster import Head, session_members
+from tests.conftest import write_workflow
 
 
 @pytest.fixture
