@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from ftl.config import SourceConfig
 from ftl.errors import SourceError
 from ftl.io import storage
+from ftl.sources import sample
 
 # `size` (bytes, when the store reports it) lets readers refuse an oversized object before reading it.
 LISTING = pa.schema(
@@ -43,9 +44,9 @@ def list_images(cfg: SourceConfig, *, storage_options: dict | None = None) -> pa
         table = imagefolder(storage.locate(cfg.uri, storage_options), cfg.extensions)
     else:
         table = manifest(storage.locate(cfg.uri, storage_options), storage_options)
-    table = table.sort_by("uri")
+    table, _ = sample.unique_uris(table.sort_by("uri"))
     if cfg.limit:
-        table = table.slice(0, cfg.limit)
+        table = sample.representative(table, cfg.limit)
     if table.num_rows == 0:
         raise SourceError(f"source.uri {cfg.uri} holds no images with extensions {cfg.extensions}")
     return table
