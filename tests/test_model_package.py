@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import io
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -26,10 +27,10 @@ PIPELINE_ONLY = ("ray", "pydantic", "mlflow", "yaml")
 CLASSES = ["shirt", "bag", "sneaker"]
 
 
-def run_python(code: str, *args: str, cwd: Path) -> dict:
+def run_python(code: str, *args: str, cwd: Path, env: dict | None = None) -> dict:
     """`code` in a fresh interpreter; it prints one JSON object, which comes back."""
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          check=False)
+                          check=False, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]  # the child's traceback, not CalledProcessError's
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -180,8 +181,35 @@ def test_composed_model_ships_only_the_model_package(model_folder, images, expec
         else:
             (tmp_path / f"{i}.img").write_bytes(blob)
             uris.append(str(tmp_path / f"{i}.img"))
-    got = run_python(SERVE, str(local), json.dumps(uris), cwd=tmp_path)
+    # The operator allows the two places the images are; nothing else could be read.
+    allow = {classifier.URI_PREFIXES_ENV: f"s3://ftl-test/model-package/,{tmp_path}"}
+    got = run_python(SERVE, str(local), json.dumps(uris), cwd=tmp_path, env=allow)
     assert_same(pd.DataFrame({"label": got["label"], "probabilities": got["probabilities"]}), expected)
     assert dict(got["ftl"]) and all(f.startswith(str(local / "code" / "ftl")) for f in dict(got["ftl"]).values())
     assert got["ray"] == []
     assert got["pil_limit"] == classifier.MAX_PIXELS  # PIL's default: serving leaves PIL's own guard as it was
+
+
+def test_served_model_reads_only_allowed_prefixes_and_caps_bytes(model_folder, images, tmp_path, monkeypatch):
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    (allowed / "ok.png").write_bytes(images[0])
+    (elsewhere / "secret.png").write_bytes(images[1])
+    (allowed / "link.png").symlink_to(elsewhere / "secret.png")
+    model = classifier.ImageClassifier(model_folder)
+    frame = lambda *uris: pd.DataFrame({"uri": [str(u) for u in uris]})  # noqa: E731
+
+    monkeypatch.delenv(classifier.URI_PREFIXES_ENV, raising=False)
+    with pytest.raises(classifier.ModelInputError, match="FTL_MODEL_URI_PREFIXES=<unset>"):
+        model.predict(frame(allowed / "ok.png"))  # nothing is readable until the operator says where
+    monkeypatch.setenv(classifier.URI_PREFIXES_ENV, str(allowed))
+    assert len(model.predict(frame(allowed / "ok.png"))) == 1
+    for outside in (elsewhere / "secret.png", f"{allowed}/../elsewhere/secret.png", allowed / "link.png",
+                    f"{allowed}-sibling/x.png"):
+        with pytest.raises(classifier.ModelInputError, match="not under a prefix"):
+            model.predict(frame(outside))
+    monkeypatch.setenv(classifier.MAX_BYTES_ENV, str(len(images[0]) - 1))
+    with pytest.raises(classifier.ModelInputError, match="more than"):
+        model.predict(frame(allowed / "ok.png"))
+    assert len(model.predict(pd.DataFrame({"image": [images[0]]}))) == 1  # raw bytes always work

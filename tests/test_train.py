@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlfl
     # The registered image model, in a fresh process, scores the held-out images as it logged.
     got = tmp_path / "fresh.json"
     subprocess.run([sys.executable, "-c", SCRIPT, "models:/fmnist-e2e/1", str(fmnist / "test"), str(got)],
-                   check=True, timeout=180)
+                   check=True, timeout=180, env={**os.environ, "FTL_MODEL_URI_PREFIXES": str(fmnist)})
     fresh = json.loads(got.read_text())
     accuracy = sum(Path(u).parent.name == label for u, label in fresh.items()) / len(fresh)
     assert len(fresh) == 100 and abs(accuracy - m["test/accuracy"]) <= 0.01, (accuracy, m["test/accuracy"])

@@ -1,4 +1,4 @@
-"""Extract: list images → decode on CPU tasks → backbone actor pool → Parquet features.
+"""Extract: list images → reader tasks → backbone actor pool → Parquet features (ftl.pipeline.plan).
 
 Output layout under `extract.output`:
     _ftl.json               provenance of the feature set this folder holds
@@ -9,10 +9,9 @@ Images already in either folder are skipped, so a rerun does only what is missin
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from ftl.config import ExtractConfig, Workflow
 from ftl.errors import ExtractError
@@ -20,20 +19,16 @@ from ftl.extract.embed import Embedder, ModelSpec
 from ftl.io import incremental, schema, storage
 from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
 from ftl.model import backbones, imaging, weights
-from ftl.pipeline import allocator, device_decode, readers, tuning
+from ftl.pipeline import tuning
+from ftl.pipeline.plan import Tally, blocks, build
+from ftl.pipeline.runtime import ensure_ray
 from ftl.sources import listing, webdataset
 
 PROVENANCE_FILE = "_ftl.json"
 
 
-
 @dataclass
-class ExtractResult:
-    listed: int
-    already_done: int
-    ok: int
-    quarantined: int
-    seconds: float
+class ExtractResult(Tally):
     output: str
     features_uri: str
     quarantine_uri: str
@@ -42,17 +37,10 @@ class ExtractResult:
     shards_skipped: int = 0  # WebDataset shards finished by an earlier run, not opened
     superseded: int = 0  # old rows of images that changed since they were extracted
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
-    settings: str = ""  # the hardware-dependent choices of this run (ftl.tuning)
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.ok + self.quarantined) / self.seconds if self.seconds else 0.0
+    settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
 
     def summary(self) -> str:
-        lines = [
-            f"listed {self.listed} = {self.already_done} already done + {self.ok} extracted + "
-            f"{self.quarantined} quarantined, in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)"
-        ]
+        lines = [self.tally(ok_as="extracted")]
         if self.superseded:
             lines.append(f"changed since last run: {self.superseded} (old rows replaced)")
         if self.shards_skipped:
@@ -66,12 +54,6 @@ class ExtractResult:
                   f"{[l['name'] for l in self.provenance['layers']]}"]
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("provenance")
-        d["images_per_second"] = self.images_per_second
-        return d
-
 
 def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.Preprocess:
     """What the weights prescribe, with the workflow's overrides on top."""
@@ -83,7 +65,7 @@ def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.P
     return imaging.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
 
 
-def plan(wf: Workflow) -> tuple[ModelSpec, dict, imaging.Preprocess]:
+def plan(wf: Workflow) -> tuple[ModelSpec, dict]:
     """Validate layers and resolve weights on the driver, before any Ray work starts."""
     cfg = wf.extract
     layers = backbones.check_layers(cfg.backbone, cfg.layers)
@@ -97,13 +79,8 @@ def plan(wf: Workflow) -> tuple[ModelSpec, dict, imaging.Preprocess]:
         preprocess=asdict(pre) | {"mean": list(pre.mean), "std": list(pre.std)},
         feature_dtype=cfg.feature_dtype,
     )
-    spec = ModelSpec(
-        backbone=cfg.backbone, weights=ref, layers=tuple(layers), pooling=cfg.pooling, mean=pre.mean, std=pre.std,
-        device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last,
-        torch_threads=cfg.torch_threads, storage_options=wf.storage.options or None, compile=cfg.compile,
-        preprocess=pre, max_image_pixels=cfg.max_image_pixels,
-    )
-    return spec, prov, pre
+    spec = ModelSpec(backbone=cfg.backbone, weights=ref, layers=tuple(layers), pooling=cfg.pooling, preprocess=pre)
+    return spec, prov
 
 
 def claim_output(out: storage.Location, prov: dict) -> None:
@@ -125,32 +102,32 @@ def claim_output(out: storage.Location, prov: dict) -> None:
 
 def run(wf: Workflow) -> ExtractResult:
     """Extract features for every listed image not yet in the output."""
-    from ftl.pipeline.runtime import ensure_ray
-
     cfg = wf.extract
     started = time.perf_counter()
-    spec, prov, pre = plan(wf)
+    spec, prov = plan(wf)
     out = storage.locate(cfg.output, wf.storage.options)
     claim_output(out, prov)
     result = ExtractResult(
-        listed=0, already_done=0, ok=0, quarantined=0, seconds=0.0, output=out.uri,
+        listed=0, already_done=0, ok=0, quarantined=0, retry=0, seconds=0.0, output=out.uri,
         features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
         feature_set=prov["feature_set"], provenance=prov,
     )
     if wf.source.format == "webdataset":
-        images, shards = webdataset_input(wf, out, result, ensure_ray)
+        images, shards = webdataset_input(wf, out, result)
     else:
-        images, shards = listed_input(wf, out, result, ensure_ray), None
+        images, shards = listed_input(wf, out, result), None
     if images is not None:
         sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file)
-        tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster())
+        tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
         result.settings = tuned.describe()
-        pipeline(images, spec, prov, pre, cfg, storage_options=wf.storage.options, tuned=tuned).write_datasink(sink)
-        result.ok, result.quarantined = sink.counts["ok"], sink.counts["quarantined"]
+        pipeline(images, spec, prov, tuned=tuned, storage_options=wf.storage.options).write_datasink(sink)
+        counts = sink.counts
+        result.ok, result.quarantined, result.retry = counts["ok"], counts["quarantined"], counts["retry"]
         if shards is not None:  # images inside shards are counted as they stream by
-            result.already_done += sink.counts["done"]
-            result.listed += sink.counts["ok"] + sink.counts["quarantined"] + sink.counts["done"]
-            webdataset.record_finished(out, shards)
+            result.already_done += counts["done"]
+            result.listed += sum(counts.values())
+            if not result.retry:  # a shard with rows left for the next run must be opened again
+                webdataset.record_finished(out, shards)
     result.seconds = time.perf_counter() - started
     processed = result.ok + result.quarantined
     if processed and result.quarantined / processed > cfg.max_error_fraction:
@@ -161,10 +138,8 @@ def run(wf: Workflow) -> ExtractResult:
     return result
 
 
-def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult, ensure_ray):
+def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult):
     """Imagefolder and manifest sources: diff the listing on the driver, supersede changed rows."""
-    import ray
-
     images = listing.list_images(wf.source, storage_options=wf.storage.options)
     work = incremental.diff(images, out, (FEATURES, QUARANTINE))
     incremental.supersede(out, work.superseded)
@@ -173,12 +148,10 @@ def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult, ens
     if not work.todo.num_rows:
         return None
     ensure_ray()
-    # One decode batch per block, so that decoding streams into the model from the first batch.
-    rows = wf.extract.decode_batch_size
-    return ray.data.from_arrow([work.todo.slice(i, rows) for i in range(0, work.todo.num_rows, rows)])
+    return blocks(work.todo, rows=wf.extract.decode_batch_size)
 
 
-def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult, ensure_ray):
+def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult):
     """WebDataset shards: finished shards are skipped unopened, done images inside others pass by."""
     import ray
 
@@ -203,37 +176,8 @@ def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult,
     return images, todo
 
 
-def pipeline(images, spec: ModelSpec, prov: dict, pre: imaging.Preprocess, cfg: ExtractConfig,
-             *, storage_options: dict, tuned: tuning.Tuning):
-    """The Ray Data plan: images (listed rows or inline bytes) → decode tasks → actor pool."""
-    from ray.data import ActorPoolStrategy, ExecutionResources
-
-    spec = replace(spec, torch_threads=tuned.torch_threads, batch_size=tuned.batch_size, decode=tuned.decode)
-    reader = device_decode.read_batch if tuned.decode == "device" else readers.decode_batch
-    ds = images.map_batches(
-        reader,
-        fn_kwargs={"pre": pre, "max_pixels": cfg.max_image_pixels, "storage_options": storage_options or None},
-        batch_size=cfg.decode_batch_size,
-        batch_format="pyarrow",
-        num_cpus=cfg.decode_cpus,
-    )
-    remote_args = dict(tuned.actor_resources, runtime_env={"env_vars": allocator.ENV})
-    if tuned.device == "cpu" and tuned.actors > 1:
-        remote_args["scheduling_strategy"] = "SPREAD"  # one actor per node is what torch_threads assumes
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"spec": spec, "prov": prov},
-        batch_size=tuned.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(
-            size=tuned.actors, max_tasks_in_flight_per_actor=tuned.prefetch_batches,
-            max_concurrent_calls_per_actor=tuned.concurrent_batches,
-            enable_true_multi_threading=tuned.concurrent_batches > 1,
-        ),
-        **remote_args,
-    )
-    # A copy: the options object may be shared with DataContext.get_current() and later datasets.
-    options = copy.copy(ds.context.execution_options)
-    options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)
-    ds.context.execution_options = options
-    return ds
+def pipeline(images, spec: ModelSpec, prov: dict, *, tuned: tuning.Tuning, storage_options: dict):
+    """The extract plan: images (listed rows or inline bytes) → reader tasks → a pool of backbone Embedders."""
+    kwargs = {"spec": spec, "prov": prov, "runtime": tuned.runtime, "storage_options": storage_options or None}
+    return build(images, actor=Embedder, actor_kwargs=kwargs, pre=spec.preprocess, tuned=tuned,
+                 storage_options=storage_options)

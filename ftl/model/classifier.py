@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ftl.errors import FtlError
 from ftl.model import backbones, heads, imaging
 
 META = "ftl_model.json"  # models registered before ftl/model existed (loader ftl.pyfunc) use the same format
 MAX_PIXELS = 89_478_485  # PIL's own default: serving never needs to move PIL's process-wide limit
+URI_PREFIXES_ENV, MAX_BYTES_ENV = "FTL_MODEL_URI_PREFIXES", "FTL_MODEL_MAX_BYTES"
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+class ModelInputError(FtlError, ValueError):
+    """An input the served model refuses: a URI outside the allowed prefixes, or too many bytes."""
 
 
 def save(path: str, *, head: heads.Head, backbone: torch.nn.Module, provenance: dict, layer: dict,
@@ -88,12 +96,40 @@ class ImageClassifier:
         return self
 
 
+def allowed_prefixes() -> list[str]:
+    """Where a served model may read images from, as its operator set it: FTL_MODEL_URI_PREFIXES."""
+    return [p.strip() for p in os.environ.get(URI_PREFIXES_ENV, "").split(",") if p.strip()]
+
+
+def normalised(uri: str) -> str:
+    """A URI with `..` and symlinks resolved, so that a prefix check cannot be walked around."""
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.realpath(uri.removeprefix("file://"))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
 def read(uri: str) -> bytes:
-    """An image's bytes from a path or any fsspec URL (s3:// reads the standard AWS environment)."""
+    """An image's bytes from a path or fsspec URL under an allowed prefix, at most FTL_MODEL_MAX_BYTES.
+
+    The model reads with the server's own credentials, so a caller names only what the operator
+    allowed; raw bytes in the `image` column always work.
+    """
     import fsspec
 
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    target = normalised(uri)
+    allowed = allowed_prefixes()
+    if not any(target == (n := normalised(p).rstrip("/")) or target.startswith(n + "/") for p in allowed):
+        raise ModelInputError(
+            f"uri {uri!r} is not under a prefix this model may read ({URI_PREFIXES_ENV}="
+            f"{','.join(allowed) or '<unset>'}); send the image's bytes in the 'image' column, or have the "
+            f"operator add its prefix to {URI_PREFIXES_ENV}")
+    limit = int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+    with fsspec.open(target, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ModelInputError(f"uri {uri!r} holds more than {limit} bytes ({MAX_BYTES_ENV}); not an image to serve")
+    return data
 
 
 def _load_pyfunc(path: str) -> ImageClassifier:

@@ -1,14 +1,17 @@
-"""Extraction settings a workflow leaves unset, chosen from the hardware the Ray cluster reports.
+"""Pipeline settings a workflow leaves unset, chosen from the hardware the Ray cluster reports.
 
-Every choice here can be pinned in the workflow; `Tuning.describe()` goes into the run's summary
-so that a person can see what was picked and why a rerun on other hardware behaves differently.
+Extract and predict run the same plan (ftl.pipeline.plan) and share these settings
+(config.PipelineConfig). Every choice can be pinned in the workflow; `Tuning.describe()` goes
+into the run's summary so that a person can see what was picked and why a rerun on other
+hardware behaves differently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftl.config import ExtractConfig
+from ftl.config import PipelineConfig
+from ftl.pipeline import allocator
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,7 @@ class Hardware:
     node_cpus: tuple[float, ...]  # per alive node that has CPUs, GPU nodes included
 
     @classmethod
-    def of_cluster(cls) -> "Hardware":
+    def of_cluster(cls) -> Hardware:
         import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
@@ -26,29 +29,44 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Tuning:
+class Runtime:
+    """How each model actor runs: its device and numerics, never which model it holds."""
+
     device: str  # "cuda" or "cpu"
+    precision: str  # "fp32", "bf16" or "fp16": the autocast dtype
+    channels_last: bool
+    compile: bool
+    batch_size: int  # with compile, short batches are padded to it: one graph, no recompiles
+    decode: str  # "cpu": batches carry pixels (PIL in reader tasks); "device": JPEG bytes the actor decodes
+    torch_threads: int | None  # None: the actor uses every core it may
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    runtime: Runtime
     actors: int
-    batch_size: int
-    decode: str  # "cpu" (PIL in tasks) or "device" (torchvision.io in the actor)
     prefetch_batches: int
     concurrent_batches: int
-    torch_threads: int | None  # None: the Embedder uses every core it may
-    actor_resources: dict
+    actor_options: dict  # Ray's asks per actor: CPUs, GPUs, the allocator's environment, placement
+    reader_batch_size: int
+    reader_cpus: float
+    reader_max_bytes: int | None  # objects over it are refused from the listing's size, never read
     buffer_bytes: int  # object store that blocks in flight may take: the pipeline's memory bound
     waits_for_gpus: bool = False
 
     def describe(self) -> str:
-        decoder = {"cpu": "PIL in CPU tasks", "device": f"torchvision.io on {self.device}"}[self.decode]
-        return (f"{self.device}: {self.actors} actor(s) x batch {self.batch_size}, decode by {decoder}, "
+        rt = self.runtime
+        decoder = {"cpu": "PIL in CPU tasks", "device": f"torchvision.io on {rt.device}"}[rt.decode]
+        return (f"{rt.device}: {self.actors} actor(s) x batch {rt.batch_size}, decode by {decoder}, "
                 f"{self.prefetch_batches} batches queued and {self.concurrent_batches} in flight per actor, "
                 f"{self.buffer_bytes / 2**20:.0f} MiB of blocks in flight at most"
                 + (" (no GPU in the cluster yet: the actors wait for the autoscaler to add GPU nodes)"
                    if self.waits_for_gpus else ""))
 
 
-def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
-    """Fill every unset extraction setting from `hw`; pinned settings are kept as they are."""
+def resolve(cfg: PipelineConfig, hw: Hardware, *, crop: int) -> Tuning:
+    """Fill every unset pipeline setting from `hw` for images of `crop` pixels; pinned settings are kept."""
     # device=cuda with no GPU in the cluster yet: the actors ask for one, and an autoscaling
     # cluster (cluster.yaml's gpu_spot workers start at 0) adds GPU nodes for them.
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and hw.gpus) else "cpu"
@@ -64,21 +82,33 @@ def resolve(cfg: ExtractConfig, hw: Hardware) -> Tuning:
     # and the next batches wait in the actor, so the GPU never waits for its input.
     concurrent = cfg.concurrent_batches or (2 if gpu else 1)
     prefetch = max(cfg.prefetch_batches or (4 if gpu else 2), concurrent)  # a call needs a batch to work on
-    return Tuning(
+    runtime = Runtime(
         device=device,
-        actors=actors,
+        # bf16 on GPUs; fp32 on CPU, where autocast costs more than it saves.
+        precision=cfg.precision if cfg.precision != "auto" else ("bf16" if gpu else "fp32"),
+        # channels_last is faster on GPUs and at least as fast with oneDNN on CPUs.
+        channels_last=True if cfg.channels_last is None else cfg.channels_last,
+        compile=cfg.compile,
         batch_size=batch,
         decode=cfg.decode if cfg.decode != "auto" else ("device" if gpu else "cpu"),
+        torch_threads=threads,
+        max_image_pixels=cfg.max_image_pixels,
+    )
+    return Tuning(
+        runtime=runtime,
+        actors=actors,
         prefetch_batches=prefetch,
         concurrent_batches=concurrent,
-        torch_threads=threads,
-        actor_resources=actor_resources(cfg, gpu, actors, sum(hw.node_cpus)),
+        actor_options=actor_options(cfg, gpu, actors, sum(hw.node_cpus)),
+        reader_batch_size=cfg.decode_batch_size,
+        reader_cpus=cfg.decode_cpus,
+        reader_max_bytes=cfg.max_image_bytes,
+        buffer_bytes=buffer_bytes(cfg, actors=actors, batch=batch, queued=prefetch + concurrent, crop=crop),
         waits_for_gpus=gpu and not hw.gpus,
-        buffer_bytes=buffer_bytes(cfg, actors, batch, prefetch, concurrent),
     )
 
 
-def buffer_bytes(cfg: ExtractConfig, actors: int, batch: int, prefetch: int, concurrent: int) -> int:
+def buffer_bytes(cfg: PipelineConfig, *, actors: int, batch: int, queued: int, crop: int) -> int:
     """Room for every actor's queued and running batches, twice over, and never under 256 MiB.
 
     Decoding outruns the model, and without a bound Ray Data keeps decoding into the object
@@ -87,17 +117,21 @@ def buffer_bytes(cfg: ExtractConfig, actors: int, batch: int, prefetch: int, con
     """
     if cfg.buffer_mib:
         return cfg.buffer_mib * 2**20
-    crop = cfg.preprocess.crop or 224
-    return max(256 * 2**20, 2 * actors * (prefetch + concurrent) * batch * crop * crop * 3)
+    return max(256 * 2**20, 2 * actors * queued * batch * crop * crop * 3)
 
 
-def actor_resources(cfg: ExtractConfig, gpu: bool, actors: int, cpus: float) -> dict:
-    """CPU and GPU asks for each actor, leaving CPU for the decode tasks."""
+def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, cpus: float) -> dict:
+    """Ray's asks for each actor: GPU, CPU (leaving CPU for the readers), environment, placement."""
+    # The allocator's settings must be in the environment when the actor's process starts.
+    options = {"runtime_env": {"env_vars": dict(allocator.ENV)}}
     if gpu:
-        return {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
-    # Torch in the actor uses all cores regardless (see Embedder); the ask only has to leave
-    # room for decode tasks: on 2 cores, two actors at num_cpus=1 would starve decoding.
-    return {"num_cpus": cfg.actor_cpus or min(1.0, max(0.1, (max(cpus, 1) - cfg.decode_cpus) / actors))}
+        return options | {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
+    # Torch in the actor uses all cores regardless (see runtime.ModelActor); the ask only has to
+    # leave room for reader tasks: on 2 cores, two actors at num_cpus=1 would starve decoding.
+    options["num_cpus"] = cfg.actor_cpus or min(1.0, max(0.1, (max(cpus, 1) - cfg.decode_cpus) / actors))
+    if actors > 1:
+        options["scheduling_strategy"] = "SPREAD"  # one actor per node is what torch_threads assumes
+    return options
 
 
 def threads_per_actor(actors: int, node_cpus: tuple[float, ...]) -> int:
