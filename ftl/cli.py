@@ -94,7 +94,7 @@ def predict(workflow: Annotated[Optional[Path], typer.Argument(
              "actors": actors}
     values = {f"predict.{k}": v for k, v in flags.items() if v is not None}
     wf = config.load_workflow(workflow, set or [], values=values, needs=("predict",))
-    result = stage.run(wf.predict, tracking_uri=tracking.uri_of(wf.tracking), storage_options=wf.storage.options)
+    result = stage.run(wf.predict, tracking_uri=tracking.uri_of(wf.tracking), storage=wf.storage)
     typer.echo(result.summary())
 
 

@@ -27,11 +27,11 @@ def assert_exactly_once(output: str, *, listed=None, not_done: int | None = None
     features = read_folder(out.join(folder))  # noqa: F841 (DuckDB reads the local by its name)
     quarantine = read_folder(out.join("quarantine"))  # noqa: F841
     for name in ("features", "quarantine"):
-        total, distinct = duckdb.sql(f"select count(*), count(distinct image_id) from {name}").fetchone()
+        total, distinct = duckdb.sql(f"select count(*), count(distinct image_id) from {name}").fetchall()[0]
         assert total == distinct, f"{output}/{name}: {total - distinct} duplicate image_id rows"
-        total, distinct = duckdb.sql(f"select count(*), count(distinct uri) from {name}").fetchone()
+        total, distinct = duckdb.sql(f"select count(*), count(distinct uri) from {name}").fetchall()[0]
         assert total == distinct, f"{output}/{name}: {total - distinct} uris with more than one row"
-    both = duckdb.sql("select count(*) from features join quarantine using (image_id)").fetchone()[0]
+    both = duckdb.sql("select count(*) from features join quarantine using (image_id)").fetchall()[0][0]
     assert both == 0, f"{output}: {both} images are both in {folder} and in quarantine"
     counts = {"features": features.num_rows, "quarantine": quarantine.num_rows}
     if listed is not None:

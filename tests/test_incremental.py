@@ -16,8 +16,11 @@ import s3fs
 from PIL import Image
 
 from ftl import config
+from ftl.config import SourceConfig
 from ftl.extract import stage as extract
+from ftl.sources import listing
 from tests.conftest import BUCKET, write_workflow
+from tests.invariant import assert_exactly_once
 
 
 def run(wf):
@@ -70,6 +73,7 @@ def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime):
     assert counts(result) == (39, 39, 0, 0) and result.gone == 1
     assert "gone from the source: 1" in result.summary()
     assert len(rows(tmp_path / "out" / "features")) == 40  # reported, not deleted
+    assert_exactly_once(str(tmp_path / "out"))
 
 
 def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
@@ -88,6 +92,8 @@ def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
     assert counts(result) == (25, 24, 1, 0) and result.superseded == 1
     table = pd.read_parquet(f"s3://{BUCKET}/incr-out/features")
     assert len(table) == 25 and table["uri"].is_unique
+    assert_exactly_once(f"s3://{BUCKET}/incr-out", listed=[f"s3://{BUCKET}/incr/{p.relative_to(fmnist)}"
+                                                           for p in files[:25]], not_done=0)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -99,9 +105,11 @@ def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, s3_server, ray_run
         for p in sorted(fmnist.rglob("*.png"))[:limit]:
             fs.put_file(str(p), f"{BUCKET}/kill/{p.relative_to(fmnist)}")
         source, out = f"s3://{BUCKET}/kill", f"s3://{BUCKET}/kill-out"
+    # The killed run's lease lives on until it expires: the rerun waits that long, not more.
     wf = write_workflow(tmp_path / "wf.yaml", source={"uri": source, "limit": limit},
                         extract={"output": out, "weights": "random", "batch_size": 16,
-                                 "decode_batch_size": 16, "rows_per_file": 16})
+                                 "decode_batch_size": 16, "rows_per_file": 16},
+                        storage={"lease_ttl": 5, "lease_wait": 60})
     proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # inherits the S3 env
     deadline = time.time() + 240
@@ -118,6 +126,8 @@ def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, s3_server, ray_run
     clean = write_workflow(tmp_path / "clean.yaml", source={"uri": source, "limit": limit},
                            extract={"output": str(tmp_path / "clean"), "weights": "random"})
     run(clean)
+    assert_exactly_once(out, listed=listing.list_images(SourceConfig(uri=source, limit=limit))["uri"].to_pylist(),
+                        not_done=0)
     got = rows(f"{out}/features").set_index("image_id").sort_index()
     want = rows(tmp_path / "clean" / "features").set_index("image_id").sort_index()
     assert got.index.is_unique and list(got.index) == list(want.index)

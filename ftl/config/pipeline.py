@@ -36,6 +36,9 @@ class PipelineConfig(Strict):
     )
     actors: int | None = Field(default=None, ge=1, description="model actors; default: one per GPU, else per node")
     actor_cpus: float | None = Field(default=None, gt=0, description="default: leave one core to readers")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each model actor asks for, to place the actors on "
+        "the nodes that declare them (e.g. {backbone: 1} with `ray start --resources`)")
     torch_threads: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto: bf16 GPU, fp32 CPU")

@@ -9,23 +9,19 @@ Images already in either folder are skipped, so a rerun does only what is missin
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
 from ftl.config import ExtractConfig, Workflow
 from ftl.errors import ExtractError
-from ftl.extract.embed import Embedder, ModelSpec
-from ftl.io import incremental, schema, storage
+from ftl.extract.embed import Embedder, ModelSpec, ship
+from ftl.io import incremental, output, schema, storage
 from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
 from ftl.model import backbones, imaging, weights
 from ftl.pipeline import tuning
-from ftl.pipeline.plan import Tally, blocks, build
+from ftl.pipeline.plan import Tally, blocks, build, write
 from ftl.pipeline.runtime import ensure_ray
 from ftl.sources import listing, webdataset
-
-PROVENANCE_FILE = "_ftl.json"
-
 
 @dataclass
 class ExtractResult(Tally):
@@ -34,6 +30,7 @@ class ExtractResult(Tally):
     quarantine_uri: str
     feature_set: str
     provenance: dict = field(repr=False)
+    duplicates: int = 0  # rows of a manifest naming an image already listed: one image, extracted once
     shards_skipped: int = 0  # WebDataset shards finished by an earlier run, not opened
     superseded: int = 0  # old rows of images that changed since they were extracted
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
@@ -41,6 +38,11 @@ class ExtractResult(Tally):
 
     def summary(self) -> str:
         lines = [self.tally(ok_as="extracted")]
+        if self.retry:
+            lines.append(f"{self.retry} could not be read (timeouts, throttling, permissions) and will be retried "
+                         f"by the next run")
+        if self.duplicates:
+            lines.append(f"duplicates in the listing: {self.duplicates} (listed once)")
         if self.superseded:
             lines.append(f"changed since last run: {self.superseded} (old rows replaced)")
         if self.shards_skipped:
@@ -83,101 +85,114 @@ def plan(wf: Workflow) -> tuple[ModelSpec, dict]:
     return spec, prov
 
 
-def claim_output(out: storage.Location, prov: dict) -> None:
-    """One output holds one feature set: a different one is an error, never a silent mix."""
-    marker = out.join(PROVENANCE_FILE)
-    if out.fs.exists(marker.path):
-        existing = json.loads(out.fs.cat_file(marker.path))
-        if existing["feature_set"] != prov["feature_set"]:
-            differ = ", ".join(schema.differences(existing, prov))
-            raise ExtractError(
-                f"{out.uri} already holds feature set {existing['feature_set']}, which differs in: {differ}. "
-                f"Set extract.output to a new location for this feature set."
-            )
-        return
-    out.fs.makedirs(out.path, exist_ok=True)
-    with out.fs.open(marker.path, "wb") as f:
-        f.write(json.dumps(prov, indent=2, sort_keys=True).encode())
+def mismatch(existing: dict, prov: dict) -> ExtractError:
+    differ = ", ".join(schema.differences(existing, prov))
+    return ExtractError(f"the output already holds feature set {existing['feature_set']}, which differs in: {differ}. "
+                        f"Set extract.output to a new location for this feature set.")
+
+
+def provenance_of_parts(out: storage.Location) -> dict | None:
+    """The feature set the committed parts hold, from their own schema metadata: to rebuild `_ftl.json`."""
+    import pyarrow.parquet as pq
+
+    parts = storage.list_parquet(out.join(FEATURES))
+    if not parts:
+        return None
+    with out.fs.open(parts[0], "rb") as f:
+        return schema.read_provenance(pq.read_schema(f))
 
 
 def run(wf: Workflow) -> ExtractResult:
-    """Extract features for every listed image not yet in the output."""
+    """Extract features for every listed image not yet in the output; one run per output at a time."""
     cfg = wf.extract
     started = time.perf_counter()
     spec, prov = plan(wf)
     out = storage.locate(cfg.output, wf.storage.options)
-    claim_output(out, prov)
-    result = ExtractResult(
-        listed=0, already_done=0, ok=0, quarantined=0, retry=0, seconds=0.0, output=out.uri,
-        features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
-        feature_set=prov["feature_set"], provenance=prov,
-    )
-    if wf.source.format == "webdataset":
-        images, shards = webdataset_input(wf, out, result)
-    else:
-        images, shards = listed_input(wf, out, result), None
-    if images is not None:
-        sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file)
-        tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
-        result.settings = tuned.describe()
-        pipeline(images, spec, prov, tuned=tuned, storage_options=wf.storage.options).write_datasink(sink)
-        counts = sink.counts
-        result.ok, result.quarantined, result.retry = counts["ok"], counts["quarantined"], counts["retry"]
-        if shards is not None:  # images inside shards are counted as they stream by
-            result.already_done += counts["done"]
-            result.listed += sum(counts.values())
-            if not result.retry:  # a shard with rows left for the next run must be opened again
-                webdataset.record_finished(out, shards)
-    result.seconds = time.perf_counter() - started
-    processed = result.ok + result.quarantined
-    if processed and result.quarantined / processed > cfg.max_error_fraction:
+    listed = list_source(wf)  # a bad source fails here, before the output is touched
+    with output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage, what="extraction",
+                        mismatch=mismatch, recover=lambda: provenance_of_parts(out)) as held:
+        counts = extract_into(out, wf, spec, prov, listed, fence=held.fence)
+    result = ExtractResult(**counts, seconds=time.perf_counter() - started, output=out.uri,
+                           features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
+                           feature_set=prov["feature_set"], provenance=prov)
+    attempted = result.ok + result.quarantined + result.retry
+    failed = result.quarantined + result.retry
+    if attempted and failed / attempted > cfg.max_error_fraction:
         raise ExtractError(
-            f"{result.quarantined} of {processed} images were quarantined, over extract.max_error_fraction="
-            f"{cfg.max_error_fraction}; see {result.quarantine_uri} for the reasons.\n{result.summary()}"
-        )
+            f"{failed} of the {attempted} images this run tried failed ({result.quarantined} quarantined, "
+            f"{result.retry} to retry), over extract.max_error_fraction={cfg.max_error_fraction}; what was "
+            f"read is committed. See {result.quarantine_uri} for the reasons.\n{result.summary()}")
     return result
 
 
-def listed_input(wf: Workflow, out: storage.Location, result: ExtractResult):
+def list_source(wf: Workflow):
+    """The listing and its dropped duplicates, or for WebDataset the shards (their images are listed as read)."""
+    if wf.source.format == "webdataset":
+        return webdataset.list_shards(wf.source, wf.storage.options)
+    return listing.list_unique(wf.source, storage_options=wf.storage.options)
+
+
+def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dict, listed, *, fence) -> dict:
+    """The work under the lease: diff, run the pipeline; returns the counts of the result."""
+    counts = dict(listed=0, already_done=0, ok=0, quarantined=0, retry=0, duplicates=0, shards_skipped=0,
+                  superseded=0, gone=0, settings="")
+    if wf.source.format == "webdataset":
+        images, shards = webdataset_input(wf, out, listed, counts)
+    else:
+        images, shards = listed_input(wf, out, listed, counts), None
+    if images is None:
+        return counts
+    cfg = wf.extract
+    sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file, fence=fence)
+    tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
+    counts["settings"] = tuned.describe()
+    write(pipeline(images, spec, prov, tuned=tuned, storage_options=wf.storage.options), sink)
+    done = sink.counts
+    counts.update(ok=done["ok"], quarantined=done["quarantined"], retry=done["retry"])
+    if shards is not None:  # images inside shards are counted as they stream by
+        counts["already_done"] += done["done"]
+        counts["listed"] += sum(done.values())
+        if not done["retry"]:  # a shard with rows left for the next run must be opened again
+            webdataset.record_finished(out, shards)
+    return counts
+
+
+def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dict):
     """Imagefolder and manifest sources: diff the listing on the driver, supersede changed rows."""
-    images = listing.list_images(wf.source, storage_options=wf.storage.options)
+    images, counts["duplicates"] = listed
     work = incremental.diff(images, out, (FEATURES, QUARANTINE))
     incremental.supersede(out, work.superseded)
-    result.listed, result.already_done = images.num_rows, work.already_done
-    result.superseded, result.gone = work.superseded_rows, work.gone
+    counts.update(listed=images.num_rows, already_done=work.already_done, superseded=work.superseded_rows,
+                  gone=work.gone)
     if not work.todo.num_rows:
         return None
     ensure_ray()
     return blocks(work.todo, rows=wf.extract.decode_batch_size)
 
 
-def webdataset_input(wf: Workflow, out: storage.Location, result: ExtractResult):
+def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict):
     """WebDataset shards: finished shards are skipped unopened, done images inside others pass by."""
     import ray
 
     src = wf.source
-    shards = webdataset.list_shards(src, wf.storage.options)
     todo = webdataset.pending_shards(shards, out)
-    result.shards_skipped = shards.num_rows - todo.num_rows
+    counts["shards_skipped"] = shards.num_rows - todo.num_rows
     if not todo.num_rows:
         return None, None
+    # A shard that changed since its rows were written: those rows go, as a changed image's do.
+    stale = webdataset.superseded(out, todo, (FEATURES, QUARANTINE))
+    incremental.supersede(out, stale)
+    counts["superseded"] = sum(len(ids) for ids in stale.values())
     ensure_ray()
-    loc = storage.locate(src.uri, wf.storage.options)
     done = ray.put(webdataset.done_keys(out, (FEATURES, QUARANTINE)))
-    ds = ray.data.read_webdataset(
-        [storage.strip_scheme(u) for u in todo["uri"].to_pylist()], filesystem=storage.arrow_filesystem(loc),
-        decoder=None,
-    )
-    versions = {u: (v, s) for u, v, s in zip(*(todo[c].to_pylist() for c in ("uri", "version", "split")))}
-    images = ds.map_batches(
-        webdataset.to_images, batch_format="pyarrow", batch_size=wf.extract.decode_batch_size,
-        fn_kwargs={"shards": versions, "done": done, "image_keys": src.image_keys, "label_key": src.label_key},
-    )
+    images = webdataset.read(todo, image_keys=src.image_keys, label_key=src.label_key, done=done,
+                             rows=wf.extract.decode_batch_size, storage_options=wf.storage.options)
     return images, todo
 
 
 def pipeline(images, spec: ModelSpec, prov: dict, *, tuned: tuning.Tuning, storage_options: dict):
     """The extract plan: images (listed rows or inline bytes) → reader tasks → a pool of backbone Embedders."""
-    kwargs = {"spec": spec, "prov": prov, "runtime": tuned.runtime, "storage_options": storage_options or None}
+    kwargs = {"spec": ship(spec, storage_options=storage_options), "prov": prov, "runtime": tuned.runtime,
+              "storage_options": storage_options or None}
     return build(images, actor=Embedder, actor_kwargs=kwargs, pre=spec.preprocess, tuned=tuned,
                  storage_options=storage_options)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -136,9 +137,15 @@ class LocalStore(HashedStore):
             return f.read()
 
     def create_new(self, path: str, data: bytes) -> None:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "wb") as f:
+        # Written aside, then hard-linked in: the link fails if the name exists (as O_EXCL does), and
+        # a reader that takes no mutex sees the whole file or none.
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
             f.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.remove(tmp)
 
     def overwrite(self, path: str, data: bytes) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"

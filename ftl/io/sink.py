@@ -66,5 +66,5 @@ class SplitSink(Datasink):
                 self.counts[k] += r[k]
 
 
-def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int) -> SplitSink:
-    return SplitSink(out, folder=FEATURES, schema=schema.features(prov), rows_per_file=rows_per_file)
+def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int, fence=None) -> SplitSink:
+    return SplitSink(out, folder=FEATURES, schema=schema.features(prov), rows_per_file=rows_per_file, fence=fence)

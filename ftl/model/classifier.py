@@ -9,6 +9,8 @@ pydantic, MLflow or the pipeline's packages (tests/test_model_package.py holds i
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -52,6 +54,7 @@ class ImageClassifier:
 
         with open(os.path.join(path, META)) as f:
             self.meta = json.load(f)
+        self.path = path
         prov, layer = self.meta["provenance"], self.meta["layer"]
         self.classes = list(self.meta["classes"])
         p = prov["preprocess"]
@@ -63,6 +66,16 @@ class ImageClassifier:
         self.tap = backbones.Tap(model.eval(), [self.layer], pooling=layer["pooling"], mean=self.preprocess.mean,
                                  std=self.preprocess.std, channels_last=True).to(device).eval()
         self.head = heads.build(self.meta["head"], load_file(os.path.join(path, "head.safetensors"))).to(device).eval()
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """What this model is, whatever URI named it: a hash of its files (a new version, a new identity)."""
+        digest = hashlib.sha256()
+        for name in (META, "backbone.safetensors", "head.safetensors"):
+            with open(os.path.join(self.path, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, crop, crop, 3) uint8 → (N, classes) probabilities."""

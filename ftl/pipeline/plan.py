@@ -7,16 +7,22 @@ and fine-tuning's data path with its own actor; ftl.pipeline.tuning decides ever
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ftl.errors import FtlError
 from ftl.model import imaging
 from ftl.pipeline import readers
 from ftl.pipeline.tuning import Tuning
 
 # Tuning.runtime.decode → the reader task: decoded pixels, or JPEG bytes for the actor's device.
 READERS = {"cpu": readers.decode_batch, "device": readers.read_batch}
+# Ray retries tasks and restarts actors forever by default: a worker that dies on the same image
+# every time (an out-of-memory kill) would loop. A few attempts, then the run fails and says so.
+TASK_RETRIES = 3
+ACTOR_RESTARTS = 3
 
 
 @dataclass
@@ -50,7 +56,25 @@ def blocks(todo: pa.Table, *, rows: int):
 def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, tuned: Tuning,
           storage_options: dict | None):
     """images (listed rows, or rows with inline bytes) → reader tasks → a pool of `actor(**actor_kwargs)`."""
-    from ray.data import ActorPoolStrategy, ExecutionResources
+    from ray.data import ExecutionResources
+
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for retries and restarts yet and flags them as deprecated
+        # extra arguments; bounded retries matter more than the warning (see TASK_RETRIES).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = readers_then_actors(images, actor=actor, actor_kwargs=actor_kwargs, pre=pre, tuned=tuned,
+                                 storage_options=storage_options)
+    # A copy: the options object may be shared with DataContext.get_current() and later datasets.
+    options = copy.copy(ds.context.execution_options)
+    options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)
+    ds.context.execution_options = options
+    return ds
+
+
+def readers_then_actors(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, tuned: Tuning,
+                        storage_options: dict | None):
+    """The two map stages of the plan, with bounded retries and restarts."""
+    from ray.data import ActorPoolStrategy
 
     rt = tuned.runtime
     ds = images.map_batches(
@@ -60,6 +84,7 @@ def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, t
         batch_size=tuned.reader_batch_size,
         batch_format="pyarrow",
         num_cpus=tuned.reader_cpus,
+        max_retries=TASK_RETRIES,
     )
     ds = ds.map_batches(
         actor,
@@ -71,10 +96,34 @@ def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, t
             max_concurrent_calls_per_actor=tuned.concurrent_batches,
             enable_true_multi_threading=tuned.concurrent_batches > 1,
         ),
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=TASK_RETRIES,
         **tuned.actor_options,
     )
-    # A copy: the options object may be shared with DataContext.get_current() and later datasets.
-    options = copy.copy(ds.context.execution_options)
-    options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)
-    ds.context.execution_options = options
     return ds
+
+
+def write(ds, sink) -> None:
+    """Run the plan into `sink`; a write task that Ray retries rewrites its own part (ftl.io.sink)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+            ds.write_datasink(sink, ray_remote_args={"max_retries": TASK_RETRIES})
+    except Exception as e:
+        ours = next((c for c in causes(e) if isinstance(c, FtlError)), None)  # e.g. a lost lease, said plainly
+        if ours is not None:
+            raise ours from None
+        raise FtlError(
+            f"the pipeline failed after {TASK_RETRIES} retries of a task (or {ACTOR_RESTARTS} restarts of an "
+            f"actor): {type(e).__name__}: {str(e)[:2000]}\nWhat was committed stays; a rerun does only what is "
+            f"missing. A worker that dies on the same images each time (killed for memory?) points at an image "
+            f"over what a worker can hold: lower extract.max_image_pixels or max_image_bytes.") from e
+
+
+def causes(e: BaseException):
+    """`e` and what it wraps: Ray hands a task's own exception back as the cause of its RayTaskError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__

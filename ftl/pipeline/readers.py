@@ -53,7 +53,9 @@ def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) 
     n = batch.num_rows
     done = batch["done"].to_numpy(zero_copy_only=False) if "done" in batch.column_names else np.zeros(n, bool)
     if "data" in batch.column_names:  # WebDataset: the bytes came inline from the shard
-        return batch["data"].to_pylist(), done
+        data = batch["data"].to_pylist()
+        problems = batch["problem"].to_pylist() if "problem" in batch.column_names else [""] * n
+        return [BadSample(p) if p else d for d, p in zip(data, problems)], done
     uris = batch["uri"].to_pylist()
     sizes = batch["size"].to_pylist() if "size" in batch.column_names else [None] * n
     # Over the cap by the listing's size: refused before a byte is read.
@@ -70,6 +72,10 @@ def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) 
 
 def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+class BadSample(ValueError):
+    """A WebDataset sample without an image member, or with a label that is not text."""
 
 
 class TooBig(ValueError):

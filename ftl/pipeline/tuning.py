@@ -124,6 +124,8 @@ def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, cpus: float) -> d
     """Ray's asks for each actor: GPU, CPU (leaving CPU for the readers), environment, placement."""
     # The allocator's settings must be in the environment when the actor's process starts.
     options = {"runtime_env": {"env_vars": dict(allocator.ENV)}}
+    if cfg.actor_resources:
+        options["resources"] = dict(cfg.actor_resources)
     if gpu:
         return options | {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
     # Torch in the actor uses all cores regardless (see runtime.ModelActor); the ask only has to

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ftl import tracking
-from ftl.config import PredictConfig, SourceConfig
-from ftl.errors import SourceError, TrackingError
-from ftl.io import incremental, storage
+from ftl.config import PredictConfig, SourceConfig, StorageConfig
+from ftl.errors import FtlError, SourceError, TrackingError
+from ftl.io import incremental, output
+from ftl.io.storage import locate
 from ftl.io.sink import QUARANTINE, SplitSink
 from ftl.pipeline import plan, tuning
 from ftl.pipeline.runtime import ensure_ray
@@ -31,6 +32,7 @@ class PredictResult(plan.Tally):
     model: str
     output: str
     settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
+    duplicates: int = 0  # rows of a manifest naming an image already listed
 
     def summary(self) -> str:
         return (f"model {self.model}: {self.tally(ok_as='predicted')}\n"
@@ -48,38 +50,55 @@ def load_model(cfg: PredictConfig, tracking_uri: str):
                             f"or a model folder.") from e
 
 
-def list_input(uri: str, storage_options: dict | None) -> pa.Table:
-    """A folder of images, or a manifest by its suffix."""
+def list_input(uri: str, storage_options: dict | None) -> tuple[pa.Table, int]:
+    """A folder of images, or a manifest by its suffix; and how many duplicate rows it dropped."""
     fmt = "manifest" if uri.endswith((".csv", ".parquet")) else "imagefolder"
     try:
-        return listing.list_images(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
+        return listing.list_unique(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
     except SourceError as e:
         # The listing speaks of a workflow's source; here the images come from predict.input.
         raise SourceError(str(e).replace("source.uri", "predict.input") + "; set predict.input to a folder of "
                           "images or a manifest .csv/.parquet") from None
 
 
-def run(cfg: PredictConfig, *, tracking_uri: str, storage_options: dict | None = None) -> PredictResult:
+def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = StorageConfig()) -> PredictResult:
     """Classify every listed image not yet in the output, with the model from the MLflow at `tracking_uri`."""
     started = time.perf_counter()
     model = load_model(cfg, tracking_uri)
-    k = min(cfg.top_k, len(model.classes))
-    out = storage.locate(cfg.output, storage_options)
-    images = list_input(cfg.input, storage_options)
+    out = locate(cfg.output, storage.options)
+    listed = list_input(cfg.input, storage.options)  # a bad input fails here, before the output is touched
+    identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model}
+    with output.writing(out, identity=identity, key="model", storage_cfg=storage, what="prediction",
+                        mismatch=mismatch) as held:
+        counts = predict_into(out, cfg, model, listed, tracking_uri=tracking_uri, storage_options=storage.options,
+                              fence=held.fence)
+    return PredictResult(model=cfg.model, **counts, seconds=time.perf_counter() - started, output=out.uri)
+
+
+def mismatch(existing: dict, identity: dict) -> FtlError:
+    return FtlError(f"predict.output already holds predictions of another model ({existing.get('model_uri')}, "
+                    f"model id {existing['model'][:12]}), not of {identity['model_uri']} (model id "
+                    f"{identity['model'][:12]}); set predict.output to a new location for this model's predictions")
+
+
+def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *, tracking_uri: str,
+                 storage_options: dict | None, fence) -> dict:
+    """The work under the lease: diff, run the plan; returns the counts of the result."""
+    images, duplicates = listed
     todo = incremental.diff(images, out, (PREDICTIONS, QUARANTINE)).todo
-    counts, settings = {"ok": 0, "quarantined": 0, "retry": 0}, ""
-    if todo.num_rows:
-        ensure_ray()
-        tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=model.preprocess.crop)
-        settings = tuned.describe()
-        sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=cfg.rows_per_file,
-                         quarantine_from={"label": "true_label"})
-        kwargs = {"model_uri": cfg.model, "tracking_uri": tracking_uri, "k": k, "runtime": tuned.runtime}
-        ds = plan.build(plan.blocks(todo, rows=tuned.reader_batch_size), actor=Predictor, actor_kwargs=kwargs,
-                        pre=model.preprocess, tuned=tuned, storage_options=storage_options)
-        ds.write_datasink(sink)
-        counts = sink.counts
-    return PredictResult(model=cfg.model, listed=images.num_rows, already_done=images.num_rows - todo.num_rows,
-                         ok=counts["ok"], quarantined=counts["quarantined"], retry=counts["retry"],
-                         seconds=time.perf_counter() - started,
-                         output=out.uri, settings=settings)
+    counts = {"listed": images.num_rows, "already_done": images.num_rows - todo.num_rows, "ok": 0,
+              "quarantined": 0, "retry": 0, "duplicates": duplicates, "settings": ""}
+    if not todo.num_rows:
+        return counts
+    ensure_ray()
+    k = min(cfg.top_k, len(model.classes))
+    tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=model.preprocess.crop)
+    sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=cfg.rows_per_file,
+                     quarantine_from={"label": "true_label"}, fence=fence)
+    kwargs = {"model_uri": cfg.model, "tracking_uri": tracking_uri, "k": k, "runtime": tuned.runtime}
+    ds = plan.build(plan.blocks(todo, rows=tuned.reader_batch_size), actor=Predictor, actor_kwargs=kwargs,
+                    pre=model.preprocess, tuned=tuned, storage_options=storage_options)
+    plan.write(ds, sink)
+    done = sink.counts
+    return counts | {"ok": done["ok"], "quarantined": done["quarantined"], "retry": done["retry"],
+                     "settings": tuned.describe()}

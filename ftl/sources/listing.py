@@ -39,17 +39,22 @@ def version_of(info: dict) -> str:
 
 
 def list_images(cfg: SourceConfig, *, storage_options: dict | None = None) -> pa.Table:
-    """All images of the source, sorted by URI, as a LISTING table."""
+    """All images of the source, sorted by URI, one row per URI, as a LISTING table."""
+    return list_unique(cfg, storage_options=storage_options)[0]
+
+
+def list_unique(cfg: SourceConfig, *, storage_options: dict | None = None) -> tuple[pa.Table, int]:
+    """The listing, and how many duplicate rows (a manifest naming an image twice) it dropped."""
     if cfg.format == "imagefolder":
         table = imagefolder(storage.locate(cfg.uri, storage_options), cfg.extensions)
     else:
         table = manifest(storage.locate(cfg.uri, storage_options), storage_options)
-    table, _ = sample.unique_uris(table.sort_by("uri"))
+    table, duplicates = sample.unique_uris(table.sort_by("uri"))
     if cfg.limit:
         table = sample.representative(table, cfg.limit)
     if table.num_rows == 0:
         raise SourceError(f"source.uri {cfg.uri} holds no images with extensions {cfg.extensions}")
-    return table
+    return table, duplicates
 
 
 def imagefolder(root: storage.Location, extensions: list[str]) -> pa.Table:

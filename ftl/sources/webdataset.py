@@ -8,6 +8,8 @@ finished shards are recorded in `_shards.parquet` so that a rerun does not even 
 from __future__ import annotations
 
 import posixpath
+import tarfile
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -92,41 +94,91 @@ def done_keys(out: storage.Location, folders: tuple[str, ...]) -> np.ndarray:
     return np.sort(np.concatenate(keys)) if keys else np.array([], dtype="S16")
 
 
-def to_images(batch: pa.Table, *, shards: dict[str, tuple[str, str | None]], done,
-              image_keys: list[str], label_key: str | None) -> pa.Table:
-    """Raw WebDataset rows → the columns decode expects, with the image bytes inline."""
+def read(todo: pa.Table, *, image_keys: list[str], label_key: str | None, done, rows: int,
+         storage_options: dict | None):
+    """A Ray Dataset of the pending shards' samples, one read task per shard, in blocks of `rows` samples."""
+    import ray
+
+    return ray.data.from_arrow(todo.select(["uri", "version", "split"])).map_batches(
+        read_shards, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"image_keys": image_keys, "label_key": label_key, "done": done, "rows": rows,
+                   "storage_options": storage_options or None},
+    )
+
+
+def samples(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) per sample, reading only the members whose suffix is wanted.
+
+    Members of one sample are adjacent and share the name up to the first dot of the basename
+    (the WebDataset convention). Other members are seeked over, never read.
+    """
+    key, members = None, {}
+    for info in tar:
+        if not info.isreg():
+            continue
+        folder, _, base = info.name.rpartition("/")
+        stem, _, suffix = base.partition(".")
+        name = f"{folder}/{stem}" if folder else stem
+        if name != key:
+            if key is not None:
+                yield key, members
+            key, members = name, {}
+        if suffix.lower() in wanted:
+            members[suffix.lower()] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def read_shards(batch: pa.Table, *, image_keys: list[str], label_key: str | None, done, rows: int,
+                storage_options: dict | None) -> Iterator[pa.Table]:
+    """Shards → the columns the readers expect (image bytes inline), `rows` samples per block."""
     import ray
 
     if isinstance(done, ray.ObjectRef):  # broadcast once through the object store, read zero-copy
         done = ray.get(done)
-    # Ray reports each shard's path without its scheme (`bucket/key`): map it back to the listed URI.
-    by_path = {storage.strip_scheme(u): u for u in shards}
-    urls = [u if u in shards else by_path[storage.strip_scheme(u)] for u in batch["__url__"].to_pylist()]
-    keys = batch["__key__"].to_pylist()
-    uris = [f"{u}#{k}" for u, k in zip(urls, keys)]
-    ids = [listing.image_id(uri, shards[u][0]) for uri, u in zip(uris, urls)]
+    keys = [k.lower() for k in image_keys]
+    for uri, version, split in zip(*(batch[c].to_pylist() for c in ("uri", "version", "split"))):
+        loc = storage.locate(uri, storage_options)
+        with loc.fs.open(loc.path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            pending = []
+            for key, members in samples(tar, {*keys, *([label_key.lower()] if label_key else [])}):
+                pending.append(sample_row(f"{uri}#{key}", version, split, members, keys, label_key))
+                if len(pending) == rows:
+                    yield rows_table(pending, done)
+                    pending = []
+            if pending:
+                yield rows_table(pending, done)
+
+
+def sample_row(uri: str, version: str, split: str | None, members: dict[str, bytes], keys: list[str],
+               label_key: str | None) -> dict:
+    """One sample: its image bytes, its label, and why it cannot be used (no image, a label that is not text)."""
+    data = next((members[k] for k in keys if k in members), None)
+    problem = "" if data is not None else f"sample has no image member (looked for {', '.join(keys)})"
+    label = None
+    if label_key and label_key.lower() in members:
+        try:
+            label = members[label_key.lower()].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            problem = f"label member .{label_key} is not UTF-8 text: {e}"
+    return {"image_id": listing.image_id(uri, version), "uri": uri, "label": label, "split": split,
+            "data": data or b"", "problem": problem}
+
+
+def rows_table(rows: list[dict], done: np.ndarray) -> pa.Table:
+    """Samples as a block; done ones travel on without their bytes, so that the sink can count them."""
+    ids = [r["image_id"] for r in rows]
     found = np.zeros(len(ids), dtype=bool)
     if len(done):
-        wanted = incremental.id_bytes(pa.array(ids))
+        wanted = incremental.id_bytes(pa.array(ids, pa.string()))
         pos = np.searchsorted(done, wanted).clip(max=len(done) - 1)
         found = done[pos] == wanted
-    data = [None] * len(ids)
-    for name in image_keys:
-        if name in batch.column_names:
-            column = batch[name].to_pylist()
-            data = [d if d is not None else c if isinstance(c, bytes) else None for d, c in zip(data, column)]
-    labels = None
-    if label_key and label_key in batch.column_names:
-        # A sample without the member reads as null (or NaN once Ray pickles a mixed column).
-        labels = [v.decode().strip() if isinstance(v, bytes) else v if isinstance(v, str) else None
-                  for v in batch[label_key].to_pylist()]
     return pa.table({
-        "image_id": ids,
-        "uri": uris,
-        "label": pa.array(labels if labels else [None] * len(ids), pa.string()),
-        "split": pa.array([shards[u][1] for u in urls], pa.string()),
-        # Done rows travel on without their bytes, so that the sink can count them.
-        "data": pa.array([b"" if f else (d or b"") for d, f in zip(data, found)], pa.binary()),
+        "image_id": pa.array(ids, pa.string()),
+        "uri": pa.array([r["uri"] for r in rows], pa.string()),
+        "label": pa.array([r["label"] for r in rows], pa.string()),
+        "split": pa.array([r["split"] for r in rows], pa.string()),
+        "data": pa.array([b"" if f else r["data"] for r, f in zip(rows, found)], pa.binary()),
+        "problem": pa.array([r["problem"] for r in rows], pa.string()),
         "done": pa.array(found),
     })
-
