@@ -19,6 +19,7 @@ from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import readers
 from tests.conftest import write_workflow
+from tests.invariant import assert_exactly_once
 
 PRE = imaging.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -181,12 +182,19 @@ def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys, d
     # A rerun retries nothing: quarantined images are accounted for as done.
     again = extract.run(config.load_workflow(wf))
     assert (again.already_done, again.ok, again.quarantined) == (15, 0, 0)
+    assert assert_exactly_once(str(tmp_path / "out"), listed=corpus_uris(tmp_path), not_done=0) == {
+        "features": 11, "quarantine": 4, "not_done": 0}
 
 
 def test_max_error_fraction_fails_after_writing_quarantine(tmp_path, ray_runtime, capsys):
     wf = corpus_workflow(tmp_path, max_error_fraction=0.2)
     assert main(["extract", str(wf)]) == 2
     err = capsys.readouterr().err
-    assert "4 of 15 images were quarantined, over extract.max_error_fraction=0.2" in err
+    assert "4 of the 15 images this run tried failed (4 quarantined, 0 to retry), over extract.max_error_fraction=0.2" in err
     assert len(pd.read_parquet(tmp_path / "out" / "quarantine")) == 4
     assert len(pd.read_parquet(tmp_path / "out" / "features")) == 11
+    assert_exactly_once(str(tmp_path / "out"), listed=corpus_uris(tmp_path), not_done=0)
+
+
+def corpus_uris(tmp_path) -> list[str]:
+    return [str(p) for p in (tmp_path / "corpus").rglob("*") if p.is_file()]

@@ -17,6 +17,7 @@ from ftl.extract import stage as extract
 from ftl.io import schema
 from ftl.model import weights
 from tests.conftest import write_workflow
+from tests.invariant import assert_exactly_once
 
 
 def workflow(tmp_path, fmnist, name="wf", **extract_cfg):
@@ -66,7 +67,8 @@ def test_extract_end_to_end_and_rerun(tmp_path, fmnist, ray_runtime, capsys):
     # A rerun finds everything done and writes nothing more.
     result = extract.run(config.load_workflow(wf))
     assert (result.listed, result.already_done, result.ok, result.quarantined) == (360, 360, 0, 0)
-    assert pq.read_table(tmp_path / "out-wf" / "features").num_rows == 360
+    assert assert_exactly_once(str(tmp_path / "out-wf"), listed=map(str, fmnist.rglob("*.png")), not_done=0) == {
+        "features": 360, "quarantine": 0, "not_done": 0}
 
 
 def test_one_pass_equals_separate_passes_and_is_deterministic(tmp_path, fmnist, ray_runtime):
