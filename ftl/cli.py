@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ftl import config
+from ftl import config, logs
 from ftl.errors import FtlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -16,6 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 Workflow = Annotated[Path, typer.Argument(help="workflow YAML, e.g. workflows/quickstart.yaml")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: extract.batch_size=128")]
+
+
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Ray's and MLflow's own logs")] = False,
+            ) -> None:
+    """Feature-based transfer learning: extract backbone features, train heads, track them."""
+    logs.configure(be_verbose=verbose)
 
 
 def shortcut(key: str, what: str):

@@ -20,8 +20,10 @@ from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
 from ftl.model import backbones, imaging, weights
 from ftl.pipeline import tuning
 from ftl.pipeline.plan import Tally, blocks, build, write
+from ftl.pipeline.progress import Progress
 from ftl.pipeline.runtime import ensure_ray
 from ftl.sources import listing, webdataset
+
 
 @dataclass
 class ExtractResult(Tally):
@@ -146,7 +148,10 @@ def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dic
     sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file, fence=fence)
     tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
     counts["settings"] = tuned.describe()
-    write(pipeline(images, spec, prov, tuned=tuned, storage_options=wf.storage.options), sink)
+    todo = None if shards is not None else counts["listed"] - counts["already_done"]  # shards: known as read
+    with Progress("extract", total=todo) as progress:
+        write(pipeline(images, spec, prov, tuned=tuned, storage_options=wf.storage.options,
+                       progress=progress.handle), sink)
     done = sink.counts
     counts.update(ok=done["ok"], quarantined=done["quarantined"], retry=done["retry"])
     if shards is not None:  # images inside shards are counted as they stream by
@@ -190,9 +195,9 @@ def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict):
     return images, todo
 
 
-def pipeline(images, spec: ModelSpec, prov: dict, *, tuned: tuning.Tuning, storage_options: dict):
+def pipeline(images, spec: ModelSpec, prov: dict, *, tuned: tuning.Tuning, storage_options: dict, progress=None):
     """The extract plan: images (listed rows or inline bytes) → reader tasks → a pool of backbone Embedders."""
     kwargs = {"spec": ship(spec, storage_options=storage_options), "prov": prov, "runtime": tuned.runtime,
               "storage_options": storage_options or None}
-    return build(images, actor=Embedder, actor_kwargs=kwargs, pre=spec.preprocess, tuned=tuned,
+    return build(images, actor=Embedder, actor_kwargs=kwargs, pre=spec.preprocess, tuned=tuned, progress=progress,
                  storage_options=storage_options)

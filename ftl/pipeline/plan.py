@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ftl import logs
 from ftl.errors import FtlError
 from ftl.model import imaging
 from ftl.pipeline import readers
@@ -54,7 +55,7 @@ def blocks(todo: pa.Table, *, rows: int):
 
 
 def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, tuned: Tuning,
-          storage_options: dict | None):
+          storage_options: dict | None, progress=None):
     """images (listed rows, or rows with inline bytes) → reader tasks → a pool of `actor(**actor_kwargs)`."""
     from ray.data import ExecutionResources
 
@@ -62,8 +63,11 @@ def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, t
         # Ray 2.60 names no parameter for retries and restarts yet and flags them as deprecated
         # extra arguments; bounded retries matter more than the warning (see TASK_RETRIES).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        ds = readers_then_actors(images, actor=actor, actor_kwargs=actor_kwargs, pre=pre, tuned=tuned,
-                                 storage_options=storage_options)
+        ds = readers_then_actors(images, actor=actor, actor_kwargs=actor_kwargs | {"progress": progress}, pre=pre,
+                                 tuned=tuned, storage_options=storage_options)
+    # ftl's own progress line (ftl.pipeline.progress) replaces Ray Data's bar per operator.
+    ds.context.enable_progress_bars = logs.verbose()
+    logs.quiet_ray_data()
     # A copy: the options object may be shared with DataContext.get_current() and later datasets.
     options = copy.copy(ds.context.execution_options)
     options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)

@@ -22,9 +22,9 @@ def output_schema(k: int) -> pa.Schema:
 class Predictor(ModelActor):
     """Decoded batches → the top `k` classes and their probabilities; failed rows pass through empty."""
 
-    def __init__(self, *, model_uri: str, tracking_uri: str, k: int, runtime: Runtime):
+    def __init__(self, *, model_uri: str, tracking_uri: str, k: int, runtime: Runtime, progress=None):
         model = tracking.load_classifier(model_uri, tracking_uri=tracking_uri)
-        super().__init__(runtime, pre=model.preprocess)
+        super().__init__(runtime, pre=model.preprocess, progress=progress)
         # The model's own parts, on the device this actor picked, run with the pipeline's numerics.
         self.tap, self.layer = self.place(model.tap), model.layer
         self.head = model.head.to(self.device)

@@ -17,9 +17,10 @@ from ftl import tracking
 from ftl.config import PredictConfig, SourceConfig, StorageConfig
 from ftl.errors import FtlError, SourceError, TrackingError
 from ftl.io import incremental, output
-from ftl.io.storage import locate
 from ftl.io.sink import QUARANTINE, SplitSink
+from ftl.io.storage import locate
 from ftl.pipeline import plan, tuning
+from ftl.pipeline.progress import Progress
 from ftl.pipeline.runtime import ensure_ray
 from ftl.predict.predictor import Predictor, output_schema
 from ftl.sources import listing
@@ -96,9 +97,10 @@ def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *
     sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=cfg.rows_per_file,
                      quarantine_from={"label": "true_label"}, fence=fence)
     kwargs = {"model_uri": cfg.model, "tracking_uri": tracking_uri, "k": k, "runtime": tuned.runtime}
-    ds = plan.build(plan.blocks(todo, rows=tuned.reader_batch_size), actor=Predictor, actor_kwargs=kwargs,
-                    pre=model.preprocess, tuned=tuned, storage_options=storage_options)
-    plan.write(ds, sink)
+    with Progress("predict", total=todo.num_rows) as progress:
+        ds = plan.build(plan.blocks(todo, rows=tuned.reader_batch_size), actor=Predictor, actor_kwargs=kwargs,
+                        pre=model.preprocess, tuned=tuned, storage_options=storage_options, progress=progress.handle)
+        plan.write(ds, sink)
     done = sink.counts
     return counts | {"ok": done["ok"], "quarantined": done["quarantined"], "retry": done["retry"],
                      "settings": tuned.describe()}

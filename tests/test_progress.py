@@ -1,0 +1,63 @@
+"""Live progress: one updating line in a terminal, a plain line now and then in logs."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+
+from ftl.pipeline import progress
+from tests.conftest import write_workflow
+
+
+def test_the_line_says_done_of_total_rate_eta_and_failures():
+    got = progress.line("extract", {"ok": 1190, "failed": 10, "done": 0}, 3000, 10.0)
+    assert got == "extract: 1,200/3,000 images (40%), 120.0 images/s, ETA 15s, 10 failed"
+    assert progress.line("predict", {"ok": 5, "failed": 0, "done": 7}, None, 0) == (
+        "predict: 5 images, 0.0 images/s, 0 failed, 7 already done")
+    assert progress.fmt_seconds(3725) == "1h02m" and progress.fmt_seconds(75) == "1m15s"
+
+
+def run_in_terminal(args: list[str], *, env: dict, timeout: float = 300) -> str:
+    """The command with a pseudo-terminal as its stdout and stderr; everything it drew."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args, stdout=follower, stderr=follower, stdin=follower, env=env, close_fds=True)
+    os.close(follower)
+    out = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], timeout)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    return out.decode(errors="replace")
+
+
+def test_extract_shows_live_progress_in_a_terminal_and_plain_lines_in_logs(tmp_path, fmnist):
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(fmnist), "limit": 160},
+                        extract={"output": str(tmp_path / "out"), "weights": "random", "batch_size": 16,
+                                 "decode_batch_size": 16})
+    env = {**os.environ, "COLUMNS": "200"}
+    drawn = run_in_terminal([sys.executable, "-m", "ftl.cli", "extract", str(wf)], env=env)
+    frames = re.findall(r"extract: (\d+)/160 images \(\d+%\), [\d.]+ images/s", drawn)
+    assert frames, drawn[-3000:]
+    assert "listed 160 = 0 already done + 160 extracted" in drawn
+
+    logged = subprocess.run([sys.executable, "-m", "ftl.cli", "extract", str(wf), "--set",
+                             f"extract.output={tmp_path / 'out2'}"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FTL_PROGRESS_SECONDS": "0.5"})
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    lines = re.findall(r"^extract: (\d+)/160 images.*failed$", logged.stderr, flags=re.M)
+    assert lines and "\x1b[" not in logged.stderr  # plain text: no cursor codes in a log
+    assert all(int(a) <= int(b) for a, b in zip(lines, lines[1:]))  # counts only grow
