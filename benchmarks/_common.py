@@ -42,9 +42,11 @@ def jpeg_folder(n: int, width: int) -> Path:
 
 
 def list_jpegs(root: Path, n: int) -> list[str]:
-    """The first `n` image paths sorted as ftl sorts its listing, so both loops see the same files."""
-    paths = sorted(str(p) for p in root.rglob("*.jpg"))
-    return paths[:n]
+    """The `n` image paths ftl's listing takes for `source.limit: n`, so every loop sees the same files."""
+    from ftl.config import SourceConfig
+    from ftl.sources import listing
+
+    return listing.list_images(SourceConfig(uri=str(root), limit=n))["uri"].to_pylist()
 
 
 class MemorySampler:

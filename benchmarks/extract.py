@@ -31,7 +31,7 @@ from ftl.extract import embed
 from ftl.extract import stage as extract
 from ftl.io import incremental, schema
 from ftl.model import imaging
-from ftl.pipeline import allocator
+from ftl.pipeline import allocator, runtime
 from ftl.pipeline.runtime import ensure_ray  # noqa: E402
 from ftl.sources import listing
 
@@ -89,9 +89,18 @@ def run_ftl(wf: config.Workflow, spans: c.Spans) -> dict:
             "settings": result.settings}
 
 
-def autocast(spec: embed.ModelSpec, device: str):
-    dtype = embed.autocast_dtype(spec.precision, device)
+def autocast(precision: str, device: str):
+    """The numerics ftl's actors run with: bf16 on GPUs unless pinned, fp32 on CPUs."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    dtype = runtime.AUTOCAST[precision]
     return torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def tap_for(spec, device: str):
+    """The same tapped backbone an Embedder builds, on `device`."""
+    return runtime.place(embed.build_tap(spec, channels_last=True, storage_options=None), device=device,
+                         channels_last=True, compile=False)
 
 
 def run_plain(paths: list[str], spec, prov: dict, pre, args, device: str, out: Path) -> dict:
@@ -103,7 +112,7 @@ def run_plain(paths: list[str], spec, prov: dict, pre, args, device: str, out: P
     with c.MemorySampler() as mem:
         started = time.perf_counter()
         torch.set_num_threads(CORES)
-        tap = embed.build_tap(spec, device)
+        tap = tap_for(spec, device)
         loaded = time.perf_counter() - started
         loader = torch.utils.data.DataLoader(
             c.JpegFiles(paths, pre), batch_size=args.batch, num_workers=args.loader_workers,
@@ -113,7 +122,7 @@ def run_plain(paths: list[str], spec, prov: dict, pre, args, device: str, out: P
         with torch.inference_mode():
             for pixels, widths, heights, idx in loader:
                 t = time.perf_counter()
-                with autocast(spec, device):
+                with autocast(args.precision, device):
                     feats = tap(pixels.to(device, non_blocking=True))
                 feats = {k: v.float().cpu().numpy() for k, v in feats.items()}
                 t2 = time.perf_counter()
@@ -136,16 +145,16 @@ def run_ceiling(paths: list[str], spec, pre, args, device: str, unique: int = 25
     # ftl's actors start with these malloc settings; the ceiling gets them too, so it stays a ceiling.
     allocator.reuse_freed_memory()
     torch.set_num_threads(CORES)
-    tap = embed.build_tap(spec, device)
+    tap = tap_for(spec, device)
     bs = args.batch
     batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]
     with c.MemorySampler() as mem, torch.inference_mode():
-        with autocast(spec, device):
+        with autocast(args.precision, device):
             tap(batches[0])  # first call pays for oneDNN/cuDNN set-up; a ceiling leaves it out
         done, started = 0, time.perf_counter()
         while done < len(paths):
             batch = batches[(done // bs) % len(batches)][: len(paths) - done]
-            with autocast(spec, device):
+            with autocast(args.precision, device):
                 out = tap(batch)
             [v.float().cpu() for v in out.values()]  # the host copy ends the step, as in the other loops
             done += len(batch)
@@ -180,13 +189,12 @@ def main() -> None:
     paths = c.list_jpegs(root, n)
     spans = c.Spans()
     for module, name, label in [(extract, "plan", "plan (weights, layers)"),
-                                (extract, "claim_output", "claim output"),
                                 (listing, "list_images", "listing"),
                                 (incremental, "diff", "diff against the output"),
                                 (extract, "pipeline", "pipeline")]:
         spans.wrap(module, name, label)
     torch.set_num_threads(CORES)
-    device = embed.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     args.batch = args.batch_size or (256 if device == "cuda" else 64)  # ftl's own default, for all three runs
     rows = []
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp:
@@ -211,7 +219,8 @@ def main() -> None:
         # The Ray runtime would sit in the process tree and blur (b)'s and (c)'s memory.
         ray.shutdown()
         wf = workflow(args, root, n, f"{tmp}/unused")
-        spec, prov, pre = extract.plan(wf)
+        spec, prov = extract.plan(wf)
+        pre = spec.preprocess
         (Path(tmp) / "b").mkdir()
         b = run_plain(paths, spec, prov, pre, args, device, Path(tmp) / "b")
         rows.append(("(b) plain PyTorch loop", b))
@@ -251,7 +260,7 @@ def main() -> None:
         for name, summary in ops:
             print(f"    {name}: {summary}")
     if args.memory_detail:
-        print(f"  memory by process at the PSS peak of the first ftl run (RSS / PSS, GiB):")
+        print("  memory by process at the PSS peak of the first ftl run (RSS / PSS, GiB):")
         for name, rss, pss in sorted(a["at_peak"], key=lambda p: -p[2]):
             print(f"    {rss / 2**30:6.2f} {pss / 2**30:6.2f}  {name}")
     if args.ray_stats and a["ds"] is not None:
