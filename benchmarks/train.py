@@ -60,8 +60,8 @@ def sklearn_probe(data: features.FeatureData) -> tuple[float, float, float]:
 def ftl_head(data: features.FeatureData, cfg: TrainConfig, storage: str) -> tuple[float, float, dict]:
     fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=storage,
                      run_name=f"{cfg.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}")
-    proba = evaluate.predict_proba(fitted.head, data.x["test"])
-    return fitted.seconds, evaluate.metrics(proba, data.y["test"])["accuracy"], fitted.best
+    test = evaluate.outcome(fitted.head, data.x["test"], data.y["test"])
+    return fitted.seconds, evaluate.metrics(test)["accuracy"], fitted.best
 
 
 def main() -> None:

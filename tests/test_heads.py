@@ -3,14 +3,17 @@ the training core's rules (what weight decay applies to, which state early stopp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from ftl.config import TrainConfig
+from ftl.errors import TrainError
 from ftl.io import storage
 from ftl.model import heads
-from ftl.train import core, evaluate, features, fit
+from ftl.train import core, evaluate, features, fit, memory
 from tests.conftest import BUCKET
 
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
@@ -22,7 +25,7 @@ def data(fmnist_features) -> features.FeatureData:
 
 
 def accuracy(head, data, split="test") -> float:
-    return evaluate.metrics(evaluate.predict_proba(head, data.x[split]), data.y[split])["accuracy"]
+    return evaluate.metrics(evaluate.outcome(head, data.x[split], data.y[split]))["accuracy"]
 
 
 def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime, s3_server):
@@ -38,7 +41,7 @@ def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime
         val = lr.predict_proba(xs["val"])
         scores.append((lr.score(xs["val"], data.y["val"]), -log_loss(data.y["val"], val, labels=range(10)),
                        lr.score(xs["test"], data.y["test"]), c))
-    sk_val, _, sk_test, sk_c = max(scores)
+    _, _, sk_test, sk_c = max(scores)
 
     # The same objective: sklearn's C·Σ CE + ½‖W‖² is mean CE + ½·wd‖W‖² with wd = 1 / (C·n).
     n = len(data.y["train"])
@@ -55,8 +58,8 @@ def test_linear_head_matches_tuned_sklearn_logistic_regression(data, ray_runtime
 
 
 def test_two_workers_match_one(data, ray_runtime, tmp_path):
-    cfg = dict(head="mlp", hidden=[64], dropout=0.0, optimizer="adamw", epochs=30, batch_size=32, lr=3e-3,
-               weight_decay=1e-2, label_smoothing=0.1, class_weights="balanced", patience=30)
+    cfg = {"head": "mlp", "hidden": [64], "dropout": 0.0, "optimizer": "adamw", "epochs": 30, "batch_size": 32,
+           "lr": 3e-3, "weight_decay": 1e-2, "label_smoothing": 0.1, "class_weights": "balanced", "patience": 30}
     one = fit.fit(TrainConfig(**cfg, workers=1), data.x, data.y, classes=10, storage_path=str(tmp_path), run_name="w1")
     two = fit.fit(TrainConfig(**cfg, workers=2), data.x, data.y, classes=10, storage_path=str(tmp_path), run_name="w2")
     acc1, acc2 = accuracy(one.head, data), accuracy(two.head, data)
@@ -65,6 +68,29 @@ def test_two_workers_match_one(data, ray_runtime, tmp_path):
     assert (one.workers, two.workers) == (1, 2) and len(two.history) == 30
     # Standardisation is baked into the head: raw features in, the train mean and std inside.
     np.testing.assert_allclose(two.head.mean.numpy(), data.x["train"].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_adamw_streams_train_through_ray_data_with_two_workers(data, ray_runtime, tmp_path):
+    cfg = TrainConfig(optimizer="adamw", epochs=20, batch_size=32, lr=3e-3, weight_decay=1e-2, patience=20, workers=2)
+    streamed = fit.fit(cfg, data.x, data.y, classes=10, storage_path=str(tmp_path), run_name="s2", stream=True)
+    assert streamed.streamed and len(streamed.history) == 20 and accuracy(streamed.head, data) > 0.6
+    assert streamed.peak_rss > 0 and streamed.estimate > 0
+
+
+def test_lbfgs_that_cannot_fit_says_so_with_the_numbers_and_adamw_streams(ray_runtime):
+    dim, share = 1280, memory.budget(1)[0]
+    rows = 2 * share // (dim * memory.FLOAT)  # twice what a worker may hold, whatever this machine has free
+    shape = {"rows": rows, "val_rows": 1000, "dim": dim, "classes": 1000}
+    with pytest.raises(TrainError) as e:
+        memory.plan(TrainConfig(optimizer="lbfgs"), **shape)
+    message = str(e.value)
+    assert f"must hold its {rows:,} train rows × 1,280 dims × 4 bytes = {memory.gib(rows * dim * 4)} GiB" in message
+    need, available = (float(v) for v in re.search(r"about ([\d.]+) GiB per worker, but a worker may use ([\d.]+) GiB",
+                                                   message).groups())
+    assert need > available and "Use train.optimizer=adamw" in message
+    stream, estimate, budget = memory.plan(TrainConfig(optimizer="adamw"), **shape)
+    assert stream and estimate.streamed < budget < estimate.held
+    assert memory.plan(TrainConfig(optimizer="lbfgs"), **{**shape, "rows": 10_000})[0] is False
 
 
 def shapes(groups: list[dict]) -> list[list[tuple]]:

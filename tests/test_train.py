@@ -80,7 +80,11 @@ def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlfl
     assert m["test/accuracy"] > 0.6 and m["test/top5_accuracy"] >= m["test/accuracy"]
     assert any(k.startswith("system/") for k in m), sorted(m)
     assert {"workflow.yaml", "classes.txt", "evaluation/test_confusion.png", "evaluation/test_report.txt",
-            "evaluation/val_confusion.png"} <= artifacts(client, run.info.run_id)
+            "evaluation/val_confusion.png", "evaluation/test_confusion.csv", "evaluation/test_per_class.csv",
+            "evaluation/test_per_class_accuracy.png"} <= artifacts(client, run.info.run_id)
+    # Clean splits (a split column with all three, 20 train images a class): nothing to warn about.
+    assert "ftl.warnings" not in run.data.tags and "warning:" not in out
+    assert m["worker_peak_rss_mib"] >= m["worker_peak_private_mib"] > 0 and m["train_streamed"] == 0
 
     # Lineage: the train run points at the extraction run and at the same feature dataset.
     assert run.data.tags["ftl.extraction_run"] == ext.info.run_id

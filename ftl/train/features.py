@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,8 @@ class FeatureData:
     y: dict[str, np.ndarray]
     split_source: str  # "column", "hash" or "column+hash"
     files: list[str] = field(default_factory=list)
+    carved: list[str] = field(default_factory=list)  # splits the column lacked, carved from train
+    unsplit: int = 0  # rows without a train/val/test value, placed by the hash rule
 
     def rows(self, split: str) -> int:
         return len(self.y[split])
@@ -97,12 +100,13 @@ def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: flo
     if len(classes) < 2:
         raise FeatureError(f"features at {loc.uri} hold a single class {classes}; a classifier needs two or more")
     labels = np.searchsorted(np.array(classes, dtype=object), np.array(table["label"].to_pylist(), dtype=object))
-    splits, source = assign_splits(table, labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    splits = assign_splits(table, labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     x = to_matrix(table[chosen["column"]], chosen["dim"])
     data = FeatureData(uri=loc.uri, provenance=prov, layer=chosen, classes=classes, x={}, y={},
-                       split_source=source, files=[loc.to_uri(p) for p in parts])
+                       split_source=splits.source, files=[loc.to_uri(p) for p in parts], carved=splits.carved,
+                       unsplit=splits.unsplit)
     for name in SPLITS:
-        mask = splits == name
+        mask = splits.assigned == name
         data.x[name], data.y[name] = x[mask], labels[mask].astype(np.int64)
     empty = [s for s in SPLITS if data.rows(s) == 0]
     if empty:
@@ -123,14 +127,23 @@ def unit_hash(ids: list[str], seed: int) -> np.ndarray:
     )
 
 
+class Splits(NamedTuple):
+    """Each row's split, and how the splits were made: what the hash rule had to decide."""
+
+    assigned: np.ndarray
+    source: str  # "column", "hash" or "column+hash"
+    carved: list[str]  # splits the column lacked, carved from train
+    unsplit: int  # rows the column gave no train/val/test value, placed by the hash rule
+
+
 def assign_splits(table: pa.Table, labels: np.ndarray, *, val_fraction: float, test_fraction: float,
-                  seed: int) -> tuple[np.ndarray, str]:
+                  seed: int) -> Splits:
     """The `split` column where it names train/val/test; otherwise a stratified hash split."""
     # A split missing from the column (often val) is carved from train with the same hash rule.
     given = np.array([s if s in SPLITS else "" for s in table["split"].to_pylist()], dtype=object)
     u = unit_hash(table["image_id"].to_pylist(), seed)
     if (given == "").all():
-        return stratified(u, labels, np.ones(len(u), bool), val_fraction, test_fraction), "hash"
+        return Splits(stratified(u, labels, np.ones(len(u), bool), val_fraction, test_fraction), "hash", [], len(u))
     out = given.copy()
     unassigned = given == ""
     if unassigned.any():
@@ -140,7 +153,8 @@ def assign_splits(table: pa.Table, labels: np.ndarray, *, val_fraction: float, t
         pool = out == "train"
         cut = stratified(u, labels, pool, fraction if split == "val" else 0.0, fraction if split == "test" else 0.0)
         out[pool & (cut != "train")] = split
-    return out, "column" if not (unassigned.any() or carve) else "column+hash"
+    source = "column" if not (unassigned.any() or carve) else "column+hash"
+    return Splits(out, source, list(carve), int(unassigned.sum()))
 
 
 def stratified(u: np.ndarray, labels: np.ndarray, pool: np.ndarray, val_fraction: float,

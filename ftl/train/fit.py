@@ -1,27 +1,26 @@
 """Fitting a head with Ray Train: TorchTrainer workers read their shard through Ray Data.
 
-Each worker holds its shard in memory (features are small next to images), so an epoch
-costs a pass over a tensor, not a pass through the Ray Data pipeline. Val is given whole
-to every worker, so all of them take the same early-stopping decision.
+Each worker holds its shard in memory when it fits (features are small next to images), so
+an epoch costs a pass over a tensor, not a pass through the Ray Data pipeline. When it does
+not fit (`memory.plan`), AdamW streams the shard through Ray Data in batches every epoch, and
+L-BFGS, which is full-batch, stops before starting and says so. Val is given whole to every
+worker, so all of them take the same early-stopping decision.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
 
 from ftl.config import TrainConfig
 from ftl.io import storage
 from ftl.model import heads
-from ftl.train import core
+from ftl.train import core, memory, shards
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
 
@@ -36,28 +35,10 @@ class Fit:
     workers: int
     device: str
     seconds: float
-
-
-def to_dataset(x: np.ndarray, y: np.ndarray, *, blocks: int):
-    """Arrays → a Ray Dataset of tensor rows, in a few blocks so shards can stream."""
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    step = max(1, math.ceil(len(y) / blocks))
-    return ray.data.from_arrow([
-        pa.table({"x": ArrowTensorArray.from_numpy(x[i : i + step]), "y": pa.array(y[i : i + step])})
-        for i in range(0, len(y), step)
-    ])
-
-
-def shard_tensors(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    import ray.train
-
-    xs, ys = [], []
-    for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=8192, dtypes=None):
-        xs.append(batch["x"].float())
-        ys.append(batch["y"].long())
-    return torch.cat(xs).to(device), torch.cat(ys).to(device)
+    streamed: bool = False  # train read through Ray Data every epoch instead of held
+    peak_rss: int = 0  # bytes: the largest peak resident memory of any worker, mapped object store pages included
+    peak_private: int = 0  # bytes: the largest peak of any worker's private memory (what `estimate` predicts)
+    estimate: int = 0  # bytes per worker that memory.need predicted
 
 
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -67,26 +48,47 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def train_loop(config: dict) -> dict:
-    """Runs on every Ray Train worker; rank 0 returns the history."""
-    import ray.train
+    """Runs on every Ray Train worker; rank 0 returns the history and every worker's peak memory."""
     import ray.train.torch
 
-    cfg = TrainConfig.model_validate(config["train"])
     device = ray.train.torch.get_device()
-    rank = ray.train.get_context().get_world_rank()
+    with memory.Peak() as peak:
+        out = train_worker(config, device=device)
+    # The largest peak of any worker; the private one is what memory.need estimates.
+    peaks = all_reduce(torch.tensor([peak.rss, peak.private], device=device), "max").tolist()
+    return {**out, "peak_rss": peaks[0], "peak_private": peaks[1]}
+
+
+def train_worker(config: dict, *, device: torch.device) -> dict:
+    """One worker's fit: read the rows, fit the head (each weight decay), report the kept one."""
+    import ray.train
+
+    cfg = TrainConfig.model_validate(config["train"])
+    rank, world = ray.train.get_context().get_world_rank(), ray_world()
+    per_worker = max(1, cfg.batch_size // world)
     torch.manual_seed(cfg.seed)
-    x, y = shard_tensors("train", device)
-    xv, yv = shard_tensors("val", device)
-    # Equal steps on every worker, or DDP would wait forever on the one with fewer.
-    n = int(all_reduce(torch.tensor(len(y), device=device), "min").item())
+    xv, yv = shards.shard_tensors("val", device, rows=config["rows"]["val"])
+    if config["stream"]:
+        x = y = None
+        rows = config["rows"]["train"] // world  # the equal split's size
+    else:
+        x, y = shards.shard_tensors("train", device, rows=-(-config["rows"]["train"] // world))
+        # Equal steps on every worker, or DDP would wait forever on the one with fewer.
+        rows = int(all_reduce(torch.tensor(len(y), device=device), "min").item())
+        x, y = x[:rows], y[:rows]
     weight = torch.as_tensor(config["class_weights"], device=device) if config["class_weights"] else None
     grid = cfg.weight_decay if isinstance(cfg.weight_decay, list) else [cfg.weight_decay]
     results = []
     for wd in grid:
         torch.manual_seed(cfg.seed)
         head = heads.build(config["head"], config["initial"]).to(device)
-        fitter = fit_lbfgs if cfg.optimizer == "lbfgs" else fit_adamw
-        history, best_state = fitter(cfg, head, x[:n], y[:n], xv, yv, weight=weight, wd=wd)
+        if cfg.optimizer == "lbfgs":
+            history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=config["lbfgs_iters"])
+        else:
+            g = torch.Generator().manual_seed(cfg.seed + rank)
+            batches = (shards.streamed(device, batch_size=per_worker, seed=cfg.seed + rank) if config["stream"]
+                       else shards.in_memory(x, y, batch_size=per_worker, generator=g))
+            history, best_state = fit_adamw(cfg, head, batches, xv, yv, rows=rows, weight=weight, wd=wd)
         best = min(history, key=lambda h: h["val_loss"])
         results.append({"weight_decay": wd, "history": history, "best": best, "state": best_state})
     # The sweep keeps the best val accuracy; early stopping within a fit follows val loss.
@@ -103,64 +105,78 @@ def train_loop(config: dict) -> dict:
     }
 
 
-def fit_adamw(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
-    """Minibatch AdamW, cosine schedule, early stopping on val loss; DDP across workers."""
+def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int, weight, wd: float):
+    """Minibatch AdamW over `batches(epoch)`, cosine schedule, early stopping on val loss; DDP across workers."""
     import ray.train.torch
 
     world = ray_world()
     model = ray.train.torch.prepare_model(head) if world > 1 else head
     opt = torch.optim.AdamW(core.param_groups(head, lr=cfg.lr, weight_decay=wd))
-    per_worker = max(1, cfg.batch_size // world)
-    sched = core.cosine(opt, epochs=cfg.epochs, rows=len(y), batch_size=per_worker)
+    sched = core.cosine(opt, epochs=cfg.epochs, rows=rows, batch_size=max(1, cfg.batch_size // world))
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    g = torch.Generator().manual_seed(cfg.seed + ray.train.get_context().get_world_rank())
     stop = core.EarlyStopping(cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
-        total = 0.0
-        for idx in core.minibatches(len(y), batch_size=per_worker, generator=g, device=x.device):
-            loss = loss_fn(model(x[idx]), y[idx])
+        started, total, seen = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=xv.device), 0
+        for xb, yb in batches(epoch):
+            loss = loss_fn(model(xb), yb)
             core.step(loss, opt=opt, sched=sched)
-            total += loss.item() * len(idx)
-        train_loss = all_reduce(torch.tensor(total, device=x.device)).item() / (len(y) * world)
-        if stop.observe(head, xv, yv, epoch=epoch, train_loss=train_loss, lr=sched.get_last_lr()[0]):
+            total[0] += loss.item() * len(yb)
+            seen += len(yb)
+        total[1] = seen
+        total = all_reduce(total)
+        stopped = stop.observe(head, xv, yv, epoch=epoch, train_loss=(total[0] / total[1]).item(),
+                               lr=sched.get_last_lr()[0])
+        stop.history[-1]["epoch_seconds"] = time.perf_counter() - started
+        if stopped:
             break
     return stop.history, stop.best(head)
 
 
-def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float):
+def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, iters: int = LBFGS_ITERS):
     """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol)."""
     # Loss and gradients are summed over all workers by hand (not DDP), so every worker
     # takes the same line-search steps and the parameters stay identical.
     world = ray_world()
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=LBFGS_ITERS, history_size=20,
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=iters, history_size=memory.LBFGS_HISTORY,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     denom = float(weight[y].sum().item()) if weight is not None else float(len(y))
     denom = all_reduce(torch.tensor(denom, dtype=torch.float64, device=x.device)).item()
 
+    passes = [0]
+
     def closure():
+        passes[0] += 1
         opt.zero_grad(set_to_none=True)
-        data = nn.functional.cross_entropy(head(x), y, weight=weight, label_smoothing=cfg.label_smoothing,
-                                           reduction="sum") / denom
-        data.backward()
+        # The full batch in chunks, gradients summed: working memory is one chunk's logits, not the split's.
+        data = torch.zeros((), dtype=torch.float64, device=x.device)
+        for i in range(0, len(y), memory.CHUNK_ROWS):
+            part = nn.functional.cross_entropy(head(x[i : i + memory.CHUNK_ROWS]), y[i : i + memory.CHUNK_ROWS],
+                                               weight=weight, label_smoothing=cfg.label_smoothing,
+                                               reduction="sum") / denom
+            part.backward()
+            data += part.detach()
         if world > 1:
             for p in head.parameters():
                 all_reduce(p.grad)
-            data = all_reduce(data.detach().clone())
+            data = all_reduce(data)
         reg = 0.5 * wd * sum((w * w).sum() for w in core.decayed(head))
         if wd:
             reg.backward()
-        return data.detach() + reg.detach()
+        return data.float() + reg.detach()
 
     stop = core.EarlyStopping(cfg.patience)
     head.train()
     for epoch in range(cfg.epochs):
+        started = time.perf_counter()
         train_loss = float(opt.step(closure))
         stopped = stop.observe(head, xv, yv, epoch=epoch, train_loss=train_loss, lr=1.0)
+        stop.history[-1].update(epoch_seconds=time.perf_counter() - started, passes=passes[0])
+        passes[0] = 0
         head.train()
         if stopped:
             break
-        if opt.state[next(head.parameters())].get("n_iter", 0) < (epoch + 1) * LBFGS_ITERS:
+        if opt.state[next(head.parameters())].get("n_iter", 0) < (epoch + 1) * iters:
             break  # converged: L-BFGS stopped before its iteration budget
     return stop.history, stop.best(head)
 
@@ -172,19 +188,27 @@ def ray_world() -> int:
 
 
 def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, run_name: str,
-        storage_options: dict | None = None) -> Fit:
-    """Fit one head (or a weight-decay sweep) with TorchTrainer; the kept head comes from its checkpoint."""
+        storage_options: dict | None = None, stream: bool | None = None, lbfgs_iters: int = LBFGS_ITERS) -> Fit:
+    """Fit one head (or a weight-decay sweep) with TorchTrainer; the kept head comes from its checkpoint.
+
+    For benchmarks: `stream=True` streams train even when it would fit held (else the memory a
+    worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch.
+    """
     import ray.train
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the initial head, shared by every worker and sweep value
-    mean, std = heads.standardisation(x["train"])
+    hidden = cfg.hidden if cfg.head == "mlp" else []
+    rows = {s: len(y[s]) for s in ("train", "val")}
     dim = x["train"].shape[1]
-    head_config = {"dim": dim, "classes": classes, "hidden": cfg.hidden if cfg.head == "mlp" else [],
-                   "dropout": cfg.dropout if cfg.head == "mlp" else 0.0}
-    initial = heads.Head(dim, classes, hidden=head_config["hidden"], mean=mean, std=std).state_dict()
+    # Before anything is copied: an L-BFGS split that cannot fit stops here, with the numbers.
+    auto, need, _ = memory.plan(cfg, rows=rows["train"], val_rows=rows["val"], dim=dim, classes=classes)
+    stream = auto or bool(stream) and cfg.optimizer == "adamw"  # forcing can only add streaming, never overfill
+    torch.manual_seed(cfg.seed)  # the initial head, shared by every worker and sweep value
+    mean, std = core.standardisation(x["train"])
+    head_config = {"dim": dim, "classes": classes, "hidden": hidden, "dropout": cfg.dropout if hidden else 0.0}
+    initial = heads.Head(dim, classes, hidden=hidden, mean=mean, std=std).state_dict()
     weights = heads.class_weights(y["train"], classes, cfg.class_weights)
     use_gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
     # Ray Train wants a pyarrow filesystem and, for S3, the bucket/key form of the path.
@@ -192,15 +216,21 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(mode="json"), "head": head_config, "initial": initial,
-                           "class_weights": None if weights is None else weights.tolist()},
+                           "class_weights": None if weights is None else weights.tolist(), "stream": stream,
+                           "rows": rows, "lbfgs_iters": lbfgs_iters},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=loc.path, storage_filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # A worker lost mid-fit (its node gone, killed for memory) restarts the worker group,
+            # which fits again from the start: a head fits in seconds and, seeded, comes out the
+            # same. Only the kept head is checkpointed, at the end. A third loss fails the fit.
+            failure_config=ray.train.FailureConfig(max_failures=2),
         ),
-        datasets={"train": to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2)),
-                  "val": to_dataset(x["val"], y["val"], blocks=1)},
+        datasets={"train": shards.to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2),
+                                      seed=cfg.seed if stream else None),
+                  "val": shards.to_dataset(x["val"], y["val"], blocks=1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
@@ -210,7 +240,8 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     head = heads.build(head_config, state).eval()
     return Fit(head=head, history=out["history"], best=out["best"], sweep=out["sweep"],
                checkpoint=loc.to_uri(result.checkpoint.path), workers=cfg.workers, device=out["device"],
-               seconds=time.perf_counter() - started)
+               seconds=time.perf_counter() - started, streamed=stream, peak_rss=out["peak_rss"],
+               peak_private=out["peak_private"], estimate=need.streamed if stream else need.held)
 
 
 def ray_has_gpu() -> bool:

@@ -59,7 +59,7 @@ def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray]
     dev = pick_device(device)
     z, zv, runs = {}, {}, []
     for layer, rows in x.items():
-        mean, std = heads.standardisation(rows)
+        mean, std = core.standardisation(rows)
         z[layer] = torch.from_numpy((rows - mean) / std).to(dev)
         zv[layer] = torch.from_numpy((xv[layer] - mean) / std).to(dev)
         for lr in lrs:

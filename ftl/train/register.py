@@ -14,7 +14,7 @@ from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError, WeightsError
 from ftl.model import weights
-from ftl.train import evaluate
+from ftl.train import evaluate, plots
 from ftl.train.features import FeatureData
 
 
@@ -53,18 +53,29 @@ def lineage(data: FeatureData, *, extraction_run: str | None) -> dict[str, str]:
 
 
 def log_evaluation(head, *, data: FeatureData) -> dict[str, float]:
-    """Metrics on val and test; the confusion matrix and per-class report of each as artifacts."""
+    """Metrics on val and test; per split the report, the per-class table, the confusion cells and pictures."""
     out = {}
-    with tracking.temp_dir() as tmp:
-        for split in ("val", "test"):
-            proba = evaluate.predict_proba(head, data.x[split])
-            out.update({f"{split}/{k}": v for k, v in evaluate.metrics(proba, data.y[split]).items()})
-            tracking.log_text(evaluate.report(proba, data.y[split], data.classes), f"evaluation/{split}_report.txt")
-            png = os.path.join(tmp, f"{split}_confusion.png")
-            evaluate.confusion_png(proba, data.y[split], data.classes, png, title=f"{split}: {data.layer['name']}")
-            tracking.log_file(png, "evaluation")
+    for split in ("val", "test"):
+        o = evaluate.outcome(head, data.x[split], data.y[split])
+        out.update({f"{split}/{k}": v for k, v in evaluate.metrics(o).items()})
+        log_split(o, data=data, split=split)
     tracking.log_metrics(out)
     return out
+
+
+def log_split(o: evaluate.Outcome, *, data: FeatureData, split: str) -> None:
+    """One split's artifacts under evaluation/: sized by rows and a bounded number of classes, never by classes²."""
+    names, title = data.classes, f"{split}: {data.layer['name']}"
+    table = f"evaluation/{split}_per_class.csv"
+    tracking.log_text(evaluate.report(o, names, full_table=table), f"evaluation/{split}_report.txt")
+    tracking.log_text(evaluate.per_class_table(o, names).to_csv(index=False), table)
+    tracking.log_text(evaluate.confusion_table(o, names).to_csv(index=False), f"evaluation/{split}_confusion.csv")
+    with tracking.temp_dir() as tmp:
+        for draw, name in ((plots.confusion_png, "confusion"), (plots.confused_pairs_png, "confused_pairs"),
+                           (plots.per_class_png, "per_class_accuracy")):
+            png = draw(o, names, os.path.join(tmp, f"{split}_{name}.png"), title=title)
+            if png:
+                tracking.log_file(png, "evaluation")
 
 
 def log_models(head, *, backbone, data: FeatureData, registered: str, tags: dict) -> Models:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ftl import config, tracking
 from ftl.config import Workflow
 from ftl.io import storage
-from ftl.train import features, fit, register
+from ftl.train import checks, features, fit, memory, register
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class TrainResult:
     seconds: float
     extraction_run: str | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about the splits (checks.check), also the run's ftl.warnings
 
     def summary(self) -> str:
         m = self.metrics
@@ -43,7 +44,7 @@ class TrainResult:
             f"checkpoint:  {self.checkpoint}",
             f"MLflow run {self.run_id}: {self.link}",
         ]
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines + self.notes + checks.lines(self.warnings))
 
 
 def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
@@ -54,28 +55,32 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     started = time.perf_counter()
     data = features.load(features.uri_of(wf), layer=cfg.layer, val_fraction=cfg.val_fraction,
                          test_fraction=cfg.test_fraction, seed=cfg.seed, storage_options=wf.storage.options)
+    warnings = checks.check(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     tracking.setup(wf.tracking, wf.name)
     registered = wf.tracking.registered_model or wf.name
     key = train_key(wf, data, registered)
     previous = tracking.find_training(key)
     if previous is not None:  # the same head on the same features is already trained and registered
-        return from_run(previous, started)
+        return from_run(previous, started, warnings=warnings)
     # Only a head still to train needs the backbone, so a rerun neither hashes weights nor loads it.
     # Still before any run starts: weights that do not match the features fail with nothing logged.
     backbone = register.backbone_for(wf, data.provenance)
     extraction_run = extraction_run or tracking.find_extraction(data.provenance["feature_set"], data.uri)
     ensure_ray()
+    # An L-BFGS split that cannot fit in a worker fails here, before a run is logged.
+    memory.plan(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer["dim"],
+                classes=len(data.classes))
     return train(wf, data=data, backbone=backbone, registered=registered, key=key, extraction_run=extraction_run,
-                 started=started)
+                 started=started, warnings=warnings)
 
 
 def train(wf: Workflow, *, data: features.FeatureData, backbone, registered: str, key: str,
-          extraction_run: str | None, started: float) -> TrainResult:
+          extraction_run: str | None, started: float, warnings: list[str]) -> TrainResult:
     """One MLflow run: the inputs logged, the head fitted, evaluated on val and test, registered."""
     layer, rows = data.layer["name"], {s: data.rows(s) for s in features.SPLITS}
     lineage = register.lineage(data, extraction_run=extraction_run)
     with tracking.start(wf.tracking, name=f"train-{wf.train.head}-{layer}", stage="train",
-                        tags={**lineage, "ftl.train_key": key, "ftl.model": ""}) as run_id:
+                        tags={**lineage, "ftl.train_key": key, "ftl.model": "", **checks.tag(warnings)}) as run_id:
         log_inputs(wf, data=data, rows=rows, extraction_run=extraction_run)
         fitted = fit_head(wf, data=data, run_name=f"{wf.name}-{run_id}")
         metrics = register.log_evaluation(fitted.head, data=data)
@@ -83,9 +88,11 @@ def train(wf: Workflow, *, data: features.FeatureData, backbone, registered: str
                                      tags={**lineage, "ftl.train_run": run_id})
         tracking.set_tags({"ftl.model": models.image or models.head, "ftl.head_model": models.head,
                            "ftl.image_model": models.image or "", "ftl.checkpoint": fitted.checkpoint})
+    streamed = ["train was streamed through Ray Data each epoch: held whole it would not fit in a worker"]
     return TrainResult(run_id=run_id, link=tracking.run_link(run_id), layer=layer, rows=rows, metrics=metrics,
                        best=fitted.best, model=models.image, head_model=models.head, checkpoint=fitted.checkpoint,
-                       seconds=time.perf_counter() - started, extraction_run=extraction_run, notes=models.notes)
+                       seconds=time.perf_counter() - started, extraction_run=extraction_run,
+                       notes=models.notes + (streamed if fitted.streamed else []), warnings=warnings)
 
 
 def log_inputs(wf: Workflow, *, data: features.FeatureData, rows: dict[str, int], extraction_run: str | None) -> None:
@@ -111,7 +118,9 @@ def fit_head(wf: Workflow, *, data: features.FeatureData, run_name: str) -> fit.
                      storage_options=wf.storage.options)
     tracking.log_history(fitted.history)
     tracking.log_metrics({"train_seconds": fitted.seconds, "best_epoch": fitted.best["epoch"],
-                          "best_weight_decay": fitted.best["weight_decay"]})
+                          "best_weight_decay": fitted.best["weight_decay"], "train_streamed": int(fitted.streamed),
+                          "worker_peak_rss_mib": fitted.peak_rss / 2**20,
+                          "worker_peak_private_mib": fitted.peak_private / 2**20})
     tracking.log_text("\n".join(f"{r}" for r in fitted.sweep) + "\n", "sweep.txt")
     return fitted
 
@@ -123,7 +132,7 @@ def train_key(wf: Workflow, data: features.FeatureData, registered: str) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def from_run(run, started: float) -> TrainResult:
+def from_run(run, started: float, *, warnings: list[str]) -> TrainResult:
     """The result of an earlier, identical training run."""
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     return TrainResult(
@@ -133,4 +142,5 @@ def from_run(run, started: float) -> TrainResult:
         model=t.get("ftl.image_model") or None, head_model=t["ftl.head_model"], checkpoint=t["ftl.checkpoint"],
         seconds=time.perf_counter() - started, extraction_run=t.get("ftl.extraction_run") or None,
         notes=["already trained: the same features and train section; nothing to do (change train.* to retrain)"],
+        warnings=warnings,
     )

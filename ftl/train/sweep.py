@@ -24,7 +24,7 @@ from ftl.errors import TrainError
 from ftl.extract import stage as extract
 from ftl.io import storage
 from ftl.model import backbones, heads
-from ftl.train import evaluate, features, probe, register
+from ftl.train import checks, evaluate, features, probe, register
 
 KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
 
@@ -43,6 +43,7 @@ class SweepResult:
     head_model: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about the splits (checks.check), also the run's ftl.warnings
 
     def summary(self) -> str:
         lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]"
@@ -58,7 +59,7 @@ class SweepResult:
             f"head model:  {self.head_model}", f"image model: {self.model or 'not logged'}",
             f"MLflow run {self.run_id}: {self.link}",
         ]
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines + self.notes + checks.lines(self.warnings))
 
 
 def curve(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
@@ -132,7 +133,7 @@ def run(wf: Workflow) -> SweepResult:
     with tracking.start(wf.tracking, name="sweep", stage="sweep") as run_id:
         tracking.log_params(params)
         tracking.log_text(config.to_yaml(wf), "workflow.yaml")
-        rows, chosen = fit_all(wf, extracted)
+        rows, chosen, warnings = fit_all(wf, extracted)
         with tracking.temp_dir() as tmp:
             tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
             tracking.log_file(curve_png(rows, os.path.join(tmp, "layer_val_accuracy.png")))
@@ -141,7 +142,7 @@ def run(wf: Workflow) -> SweepResult:
                                trials=len(rows))
     return SweepResult(run_id=run_id, link=tracking.run_link(run_id), extractions=[r for _, r, _ in extracted],
                        trials=rows, best=chosen.row, metrics=metrics, model=models.image, head_model=models.head,
-                       seconds=time.perf_counter() - started, notes=models.notes)
+                       seconds=time.perf_counter() - started, notes=models.notes, warnings=warnings)
 
 
 class Chosen(NamedTuple):
@@ -154,18 +155,23 @@ class Chosen(NamedTuple):
     extraction_run: str
 
 
-def fit_all(wf: Workflow, extracted: list[tuple]) -> tuple[list[dict], Chosen]:
-    """A row per trial of every backbone, the chosen one marked; and the chosen trial."""
-    rows, chosen = [], None
+def fit_all(wf: Workflow, extracted: list[tuple]) -> tuple[list[dict], Chosen, list[str]]:
+    """A row per trial of every backbone, the chosen one marked; the chosen trial; warnings about the splits."""
+    rows, chosen, warnings = [], None, {}
+    t = wf.train
     for sub, _, extraction_run in extracted:
         data = load_layers(sub)
+        # Before fitting: every backbone's splits, said once when they agree (they do when the images are the same).
+        found = checks.check(next(iter(data.values())), val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+        warnings.update(dict.fromkeys(found))
+        tracking.set_tags(checks.tag(list(warnings)))
         for row, head in sweep_backbone(wf, sub, data, extraction_run):
             rows.append(row)
             if chosen is None or rank(row) > rank(chosen.row):
                 chosen = Chosen(row, head, data[row["layer"]], sub, extraction_run)
     for row in rows:
         row["chosen"] = row is chosen.row
-    return rows, chosen
+    return rows, chosen, list(warnings)
 
 
 def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.FeatureData], extraction_run: str):
@@ -182,7 +188,7 @@ def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.Feature
     prov, order = first.provenance, list(data)
     for trial in trials:
         layer = data[trial.layer].layer
-        val = evaluate.metrics(evaluate.predict_proba(trial.head, data[trial.layer].x["val"]), first.y["val"])
+        val = evaluate.metrics(evaluate.outcome(trial.head, data[trial.layer].x["val"], first.y["val"]))
         row = {"backbone": prov["backbone"], "weights": sub.extract.weights, "layer": trial.layer,
                "layer_index": order.index(trial.layer), "feature_dim": layer["dim"], "head": s.head,
                "lr": trial.lr, "weight_decay": trial.weight_decay, "best_epoch": trial.epoch,
