@@ -83,6 +83,15 @@ def sweep(workflow: Workflow, set: Sets = None) -> None:
 
 
 @app.command()
+def finetune(workflow: Workflow, set: Sets = None) -> None:
+    """Fine-tune the backbone's chosen blocks from the best linear probe (LP-FT) on Ray Train; register the model."""
+    from ftl.finetune import stage
+
+    wf = config.load_workflow(workflow, set or [])
+    typer.echo(stage.run(wf).summary())
+
+
+@app.command()
 def predict(workflow: Annotated[Optional[Path], typer.Argument(
                 help="workflow YAML with a predict: section; optional with --model, --input and --output")] = None,
             set: Sets = None,

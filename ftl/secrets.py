@@ -1,23 +1,66 @@
-"""Credentials never leave the process: masking them wherever a workflow is shown or logged."""
+"""Credentials never leave the process: masking them wherever a workflow, a URL or an error is shown or logged."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-# Storage option names that carry credentials (s3fs/botocore spellings).
-SECRET_NAMES = {"key", "secret", "token", "password", "session_token"}
-SECRET_SUFFIXES = ("_secret", "_token", "_password", "secret_key", "access_key", "access_key_id")
+MASK = "***"
+# A name is split into words (snake_case, camelCase, kebab-case, dotted) and judged by them, so that
+# SecretAccessKey, SSECustomerKey, api_key and X-Amz-Security-Token are caught and label_key is not.
+SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token", "credential", "credentials",
+                "apikey", "authorization", "cookie", "signature"}
+# "key" is a secret next to these words; alone it is s3fs's access key.
+KEY_WORDS = {"access", "api", "private", "customer", "account", "master", "encryption", "signing", "client"}
+URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@")
+# name=value, name: value, 'name': 'value', "name": "value", ?name=value&...
+ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>['\"]?\s*[:=]\s*['\"]?)(?P<value>[^\s'\",&;})\]]+)")
+AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+
+
+def words(name: str) -> list[str]:
+    parts = re.split(r"[^A-Za-z0-9]+", name)
+    return [w.lower() for p in parts for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", p)]
 
 
 def is_secret(name: str) -> bool:
-    name = name.lower()
-    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
+    """Whether a key of that name holds a credential."""
+    ws = words(name)
+    if ws == ["key"] or SECRET_WORDS & set(ws):
+        return True
+    return any(a in KEY_WORDS and b == "key" for a, b in zip(ws, ws[1:]))
 
 
 def mask_secrets(data: Any) -> Any:
-    """A copy of nested dicts and lists with every credential's value replaced by ***."""
+    """A copy of nested dicts and lists with every credential replaced by ***: values under secret keys,
+    and passwords inside strings (URLs with user:password@, name=value pairs)."""
     if isinstance(data, dict):
-        return {k: ("***" if is_secret(k) and v else mask_secrets(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [mask_secrets(v) for v in data]
+        return {k: (MASK if is_secret(str(k)) and data[k] not in (None, "", {}, []) else mask_secrets(v))
+                for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(mask_secrets(v) for v in data)
+    if isinstance(data, str):
+        return mask_text(data)
     return data
+
+
+def mask_text(text: str) -> str:
+    """`text` (a URI, an error message, a log line) with the credentials in it replaced by ***."""
+    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+
+    def assignment(m: re.Match) -> str:
+        # A bare "key" in prose is more often an object key ("key: images/a.png") than a credential.
+        secret = is_secret(m["name"]) and words(m["name"]) != ["key"] and m["value"] != MASK
+        return f"{m['name']}{m['sep']}{MASK}" if secret else m[0]
+
+    text = ASSIGNMENT.sub(assignment, text)
+    return AWS_KEY_ID.sub(MASK, text)
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """`https://user:password@host/...` → (`https://host/...`, user, password), so that the password can
+    travel as a credential (MLFLOW_TRACKING_USERNAME/PASSWORD) and never inside a URI that gets printed."""
+    m = URL_USERINFO.match(uri)
+    if not m:
+        return uri, None, None
+    return m["scheme"] + uri[m.end():], m["user"] or None, m["password"]

@@ -17,6 +17,9 @@ from ftl.config import TrackingConfig
 from ftl.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI views.
+KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {KIND_TAG: "custom_model_development"}
 # The code the composed model carries: the Ray-free model package and the one module it needs besides.
 SHIPPED_CODE = ("__init__.py", "errors.py", "model")
 # What that code imports (tests/test_model_package.py checks the two against each other).
@@ -39,10 +42,14 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
     name = cfg.experiment or workflow
     try:
         uri = uri_of(cfg)
-        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-            # Artifacts next to the database file, not in ./mlruns of whatever directory we run in.
+        existing = mlflow.get_experiment_by_name(name)
+        if existing is None:
+            # Artifacts next to a SQLite file, not in ./mlruns of whatever directory we run in.
             folder = os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///")))
-            mlflow.create_experiment(name, artifact_location=Path(folder, "mlruns").as_uri())
+            location = Path(folder, "mlruns").as_uri() if uri.startswith("sqlite:///") else None
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        elif existing.tags.get(KIND_TAG) != EXPERIMENT_KIND[KIND_TAG]:
+            mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, KIND_TAG, EXPERIMENT_KIND[KIND_TAG])
         return mlflow.set_experiment(name).experiment_id
     except Exception as e:
         raise TrackingError(f"cannot use MLflow at {uri_of(cfg)}: {e}") from e
@@ -284,3 +291,58 @@ def load_classifier(model_uri: str, *, tracking_uri: str | None = None):
 
 def temp_dir():
     return tempfile.TemporaryDirectory(prefix="ftl-model-")
+
+
+# Fine-tuning (ftl.finetune): the probes it starts from, its own runs to resume, the probe's model files.
+
+
+def find_probes(feature_set: str) -> list[dict]:
+    """Heads that `ftl train` or `ftl sweep` registered as image models for this feature set, best val first."""
+    import mlflow
+
+    client, out = mlflow.MlflowClient(), []
+    runs = mlflow.search_runs(filter_string="attributes.status = 'FINISHED' and tags.`ftl.image_model` != ''",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    for run in runs:
+        tags, stage = run.data.tags, run.data.tags.get("ftl.stage")
+        if stage not in ("train", "sweep"):
+            continue
+        name, version = tags["ftl.image_model"].removeprefix("models:/").rsplit("/", 1)
+        lineage = client.get_model_version(name, version).tags  # a sweep's run spans feature sets; its model does not
+        if lineage.get("ftl.feature_set") == feature_set:
+            out.append({"model": tags["ftl.image_model"], "run_id": run.info.run_id, "stage": stage,
+                        "layer": lineage["ftl.layer"], "head": run.data.params.get(f"{stage}.head", ""),
+                        "val_accuracy": run.data.metrics.get("val/accuracy", 0.0)})
+    return sorted(out, key=lambda p: -p["val_accuracy"])
+
+
+def find_finetune(key: str):
+    """The latest fine-tuning run with this key, finished or not (a killed one is resumed), if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(filter_string=f"tags.`ftl.stage` = 'finetune' and tags.`ftl.finetune_key` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0] if runs else None
+
+
+@contextlib.contextmanager
+def resume(cfg: TrackingConfig, run_id: str) -> Iterator[str]:
+    """An earlier run, reopened: a resumed fine-tuning logs into the run it began."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics) as run:
+        yield run.info.run_id
+
+
+def model_folder(model_uri: str, dst: str) -> str:
+    """The files of a composed image model (ftl_model.json, weights), downloaded under `dst`."""
+    import mlflow.artifacts
+
+    try:
+        root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    except Exception as e:
+        raise TrackingError(f"cannot download model {model_uri} from {mlflow.get_tracking_uri()}: {e}") from e
+    found = sorted(Path(root).rglob("ftl_model.json"))
+    if not found:
+        raise TrackingError(f"{model_uri} is not an ftl image model (no ftl_model.json); give one that ftl registered")
+    return str(found[0].parent)

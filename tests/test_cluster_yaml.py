@@ -131,3 +131,74 @@ def test_nodes_install_ftl_with_the_pyproject_pins(config):
     assert config["file_mounts"]["~/ftl"] == "."
     for name, version in re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.]+)", commands):
         assert want.get(name.lower()) == version, f"{name}=={version} differs from pyproject.toml"
+
+
+# What each node does on S3 (see the statements' comments in cluster.yaml), as IAM sees it.
+S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+IMAGE, PART, LEASE = ("arn:aws:s3:::example-images/catalog/train/cat/1.jpg",
+                      "arn:aws:s3:::example-features/catalog/resnet50/features/part-1.parquet",
+                      "arn:aws:s3:::example-features/catalog/resnet50/_ftl.lease")
+WEIGHTS, OTHER = "arn:aws:s3:::example-models/weights/r50.safetensors", "arn:aws:s3:::example-features/other/x"
+
+
+@pytest.fixture(scope="module")
+def iam(raw) -> dict:
+    return raw["metadata"]["iam"]
+
+
+def test_every_instance_profile_has_its_policy_and_says_why(raw, iam):
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in raw["available_node_types"].values()}
+    assert profiles == set(iam)
+    lines = (ROOT / "cluster.yaml").read_text().splitlines()
+    sids = [i for i, line in enumerate(lines) if line.strip().startswith("- Sid:")]
+    assert len(sids) == sum(len(p["Statement"]) for p in iam.values())
+    for i in sids:  # each statement comes with its reason
+        assert lines[i - 1].strip().startswith("#"), lines[i]
+
+
+def test_nothing_broad(iam):
+    for name, policy in iam.items():
+        for st in policy["Statement"]:
+            assert set(st) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, st  # no NotAction/NotResource
+            actions, resources = st["Action"], st["Resource"]
+            assert not any(a == "*" or a.endswith(":*") for a in actions), (name, st["Sid"])
+            if "*" in resources:
+                assert all(a.startswith("ec2:Describe") for a in actions), (name, st["Sid"])
+            for r in resources:  # S3 grants name a prefix of a bucket, never a whole bucket's objects
+                if r.startswith("arn:aws:s3:::") and "/" in r:
+                    assert r.split("/", 1)[1] not in ("", "*"), (name, st["Sid"], r)
+            s3 = {a for a in actions if a.startswith("s3:")}
+            assert s3 <= S3_OBJECT_ACTIONS | {"s3:ListBucket", "s3:GetBucketLocation"}, (name, st["Sid"])
+            if "s3:ListBucket" in s3 and st["Effect"] == "Allow":
+                assert st["Condition"]["StringLike"]["s3:prefix"], (name, st["Sid"])  # a prefix, not the bucket
+    worker = [a for st in iam["ftl-ray-worker"]["Statement"] for a in st["Action"]]
+    assert all(a.startswith("s3:") for a in worker), "workers launch nothing and pass no role"
+
+
+def test_each_node_may_do_what_ftl_does_there_and_no_more(iam):
+    from tests.iam import allowed
+
+    worker, head = iam["ftl-ray-worker"], iam["ftl-ray-head"]
+    # Workers: read images; stage, copy-rename and delete parts; read the lease (the fence).
+    assert allowed(worker, "s3:GetObject", IMAGE, {})
+    for action in S3_OBJECT_ACTIONS:
+        assert allowed(worker, action, PART, {}), action
+    assert allowed(worker, "s3:GetObject", LEASE, {})
+    assert allowed(worker, "s3:ListBucket", "arn:aws:s3:::example-features", {"s3:prefix": "catalog/resnet50/"})
+    # ... but never take or drop a lease, write images, read weights (they come through Ray) or leave the prefix.
+    assert not allowed(worker, "s3:PutObject", LEASE, {"s3:if-none-match": "*"})
+    assert not allowed(worker, "s3:DeleteObject", LEASE, {})
+    assert not allowed(worker, "s3:PutObject", IMAGE, {})
+    assert not allowed(worker, "s3:GetObject", WEIGHTS, {})
+    assert not allowed(worker, "s3:PutObject", OTHER, {})
+    assert not allowed(worker, "s3:ListBucket", "arn:aws:s3:::example-features", {"s3:prefix": "other/"})
+    assert not allowed(worker, "s3:ListBucket", "arn:aws:s3:::example-features", {})
+    # The head: the lease only by conditional writes (create if absent, replace if unchanged), then released.
+    assert allowed(head, "s3:PutObject", LEASE, {"s3:if-none-match": "*"})
+    assert allowed(head, "s3:PutObject", LEASE, {"s3:if-match": '"etag"'})
+    assert not allowed(head, "s3:PutObject", LEASE, {})
+    assert allowed(head, "s3:DeleteObject", LEASE, {})
+    assert allowed(head, "s3:PutObject", PART, {}) and allowed(head, "s3:GetObject", WEIGHTS, {})
+    assert allowed(head, "s3:ListBucket", "arn:aws:s3:::example-images", {"s3:prefix": "catalog/"})
+    assert not allowed(head, "s3:PutObject", IMAGE, {}) and not allowed(head, "s3:PutObject", WEIGHTS, {})
+    assert not allowed(head, "s3:GetObject", OTHER, {})

@@ -115,3 +115,28 @@ def test_enum_weights_offline_say_to_use_a_file(tmp_path, monkeypatch):
     assert "ResNet18_Weights.IMAGENET1K_V1" in str(e.value) and "extract.weights to its path or s3:// URI" in str(e.value)
     with pytest.raises(weights.WeightsError, match="valid: DEFAULT, IMAGENET1K_V1"):
         weights.resolve("resnet18", "IMAGENET9K")
+
+
+def test_weights_load_only_the_bytes_that_were_resolved(tmp_path):
+    from ftl.extract import embed
+
+    torch.save(weights.load("resnet18", weights.resolve("resnet18", "random")).state_dict(), tmp_path / "r18.pt")
+    ref = weights.resolve("resnet18", str(tmp_path / "r18.pt"))
+    good = (tmp_path / "r18.pt").read_bytes()
+    assert weights.read_bytes(ref) == good
+    (tmp_path / "r18.pt").unlink()  # an actor on another node: only the bytes the driver shipped
+    assert isinstance(weights.load("resnet18", ref, data=good), torch.nn.Module)
+    with pytest.raises(weights.WeightsError, match="is not on this machine"):
+        weights.load("resnet18", ref)
+    damaged = good[:-1] + bytes([good[-1] ^ 1])
+    with pytest.raises(weights.WeightsError) as e:
+        weights.load("resnet18", ref, data=damaged)
+    assert ref.sha256 in str(e.value) and hashlib.sha256(damaged).hexdigest() in str(e.value)
+    # Changed on disk after the run resolved it: the driver refuses to ship it, before any actor starts.
+    (tmp_path / "r18.pt").write_bytes(damaged)
+    spec = embed.ModelSpec(backbone="resnet18", weights=ref, layers=("avgpool",), pooling="avg", preprocess=None)
+    with pytest.raises(weights.WeightsError, match=f"sha256 {ref.sha256}"):
+        embed.ship(spec, storage_options=None)
+    random = embed.ModelSpec(backbone="resnet18", weights=weights.resolve("resnet18", "random"), layers=("avgpool",),
+                             pooling="avg", preprocess=None)
+    assert embed.ship(random, storage_options=None) is random  # nothing to ship: actors seed their own

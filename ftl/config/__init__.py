@@ -5,6 +5,7 @@ One module per group of sections; this package's names are the ones the rest of 
 """
 
 from ftl.config.base import Strict
+from ftl.config.finetune import FinetuneConfig
 from ftl.config.pipeline import (
                                  ExtractConfig,
                                  FeatureSetConfig,
@@ -29,7 +30,7 @@ from ftl.config.workflow import (
 from ftl.errors import WorkflowError
 from ftl.secrets import mask_secrets
 
-__all__ = ["ExtractConfig", "FeatureSetConfig", "PipelineConfig", "PredictConfig", "PredictJob", "PreprocessConfig",
-           "STAGE_SECTIONS", "SourceConfig", "StorageConfig", "Strict", "SweepBackbone", "SweepConfig",
+__all__ = ["ExtractConfig", "FeatureSetConfig", "FinetuneConfig", "PipelineConfig", "PredictConfig", "PredictJob",
+           "PreprocessConfig", "STAGE_SECTIONS", "SourceConfig", "StorageConfig", "Strict", "SweepBackbone", "SweepConfig",
            "TrackingConfig", "TrainConfig", "Workflow", "WorkflowError", "apply_override", "fields_at",
            "format_error", "load_workflow", "mask_secrets", "set_key", "to_yaml", "validate"]

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ftl.config.base import Strict
+from ftl.config.finetune import FinetuneConfig
 from ftl.config.pipeline import ExtractConfig, PredictConfig
 from ftl.config.sections import SourceConfig, StorageConfig, TrackingConfig
 from ftl.config.training import SweepConfig, TrainConfig
@@ -32,6 +33,7 @@ class Workflow(Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     predict: PredictConfig | None = None
 
     @field_validator("name")

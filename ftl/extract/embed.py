@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +24,36 @@ class ModelSpec:
     layers: tuple[str, ...]
     pooling: str
     preprocess: imaging.Preprocess  # resize, crop, and the mean/std the Tap normalises with
+    # The weights file's bytes in Ray's object store (an ObjectRef, see `ship`); None: read weights.uri.
+    payload: Any = field(default=None, compare=False, repr=False)
+
+
+def ship(spec: ModelSpec, *, storage_options: dict | None) -> ModelSpec:
+    """The spec with its weights' bytes put once into Ray's object store, checked against their sha256.
+
+    `weights.uri` is a path on the driver's machine (its torch hub cache, its site-packages, its
+    disk), which an actor on another node does not have. The object store is on every node: each
+    node pulls the bytes once, however many actors it holds, restarted actors get them again, and
+    they go when the run drops the spec. A content-addressed copy next to the output would work
+    too, but would leave a file per run behind and need its own write and cleanup. The bytes are
+    read and hashed here, on the driver: a file that changed since `resolve` fails before any
+    actor starts, and an actor loads exactly what the provenance records.
+    """
+    if spec.weights.kind == "random" or spec.payload is not None:
+        return spec
+    import ray
+
+    return replace(spec, payload=ray.put(weights.read_bytes(spec.weights, storage_options=storage_options)))
 
 
 def build_tap(spec: ModelSpec, *, channels_last: bool, storage_options: dict | None) -> backbones.Tap:
-    """The tapped backbone on the host; `runtime.place` puts it on its device."""
-    model = weights.load(spec.backbone, spec.weights, storage_options=storage_options)
+    """The tapped backbone on the host, from the shipped bytes if any; `runtime.place` puts it on its device."""
+    data = None
+    if spec.payload is not None:
+        import ray
+
+        data = ray.get(spec.payload)
+    model = weights.load(spec.backbone, spec.weights, data=data, storage_options=storage_options)
     pre = spec.preprocess
     return backbones.Tap(model, list(spec.layers), pooling=spec.pooling, mean=pre.mean, std=pre.std,
                          channels_last=channels_last)
@@ -36,8 +62,9 @@ def build_tap(spec: ModelSpec, *, channels_last: bool, storage_options: dict | N
 class Embedder(ModelActor):
     """Decoded batches → one fixed_size_list column per tapped layer; failed rows pass through empty."""
 
-    def __init__(self, spec: ModelSpec, *, prov: dict, runtime: Runtime, storage_options: dict | None = None):
-        super().__init__(runtime, pre=spec.preprocess)
+    def __init__(self, spec: ModelSpec, *, prov: dict, runtime: Runtime, storage_options: dict | None = None,
+                 progress=None):
+        super().__init__(runtime, pre=spec.preprocess, progress=progress)
         self.tap = self.place(build_tap(spec, channels_last=runtime.channels_last, storage_options=storage_options))
         self.columns = [(l["name"], l["column"], l["dim"]) for l in prov["layers"]]
         self.np_dtype = np.float16 if prov["feature_dtype"] == "float16" else np.float32

@@ -118,31 +118,66 @@ def sha256_file(loc: storage.Location) -> str:
     return digest.hexdigest()
 
 
-def load(backbone: str, ref: WeightsRef, *, storage_options: dict[str, Any] | None = None) -> nn.Module:
-    """The backbone with its weights, frozen and in eval mode."""
+def load(backbone: str, ref: WeightsRef, *, data: bytes | None = None,
+         storage_options: dict[str, Any] | None = None) -> nn.Module:
+    """The backbone with its weights, frozen and in eval mode.
+
+    `data`: the weights file's bytes as the driver read them (shipped through Ray's object store
+    by ftl.extract.embed.ship); without it the file is read from `ref.uri`, which only the machine
+    that resolved `ref` is sure to have. Either way the bytes must hash to `ref.sha256`.
+    """
     # Seeded, so that every actor of a pool (and every rerun) gets the same random backbone.
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_SEED)
         model = backbones.build(backbone)
+    if ref.kind == "random":
+        return model.eval().requires_grad_(False)
+    if data is None:
+        data = read_bytes(ref, storage_options=storage_options)
+    else:
+        verify(data, ref)
+    state = state_dict(data, ref)
     if ref.kind == "enum":
-        state = torch.load(ref.uri, map_location="cpu", weights_only=True)
         if backbone == "inception_v3":  # torchvision's inception weights expect this input transform
             model.transform_input = True
         model.load_state_dict(state)
     elif ref.kind == "shipped":
         target = model.get_submodule(SHIPPED[ref.id].module)
-        target.load_state_dict(by_position(torch.load(ref.uri, map_location="cpu", weights_only=True), target))
+        target.load_state_dict(by_position(state, target))
     elif ref.kind == "file":
-        load_file_into(model, read_state_dict(ref.uri, storage_options), ref.uri)
+        load_file_into(model, state, ref.uri)
     return model.eval().requires_grad_(False)
 
 
-def read_state_dict(uri: str, storage_options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+def read_bytes(ref: WeightsRef, *, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The bytes of `ref`'s file, checked against the sha256 that `resolve` recorded."""
     from ftl.io import storage
 
-    loc = storage.locate(uri, storage_options)
-    data = loc.fs.cat_file(loc.path)
-    if uri.endswith(".safetensors"):
+    if ref.uri is None:
+        raise WeightsError(f"weights {ref.id} ({ref.kind}) have no file to read")
+    loc = storage.locate(ref.uri, storage_options)
+    try:
+        data = loc.fs.cat_file(loc.path)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {ref.uri} ({ref.id}) is not on this machine ({os.uname().nodename}): "
+                           f"another machine resolved it. Load the bytes it shipped (ftl.extract.embed.ship).") from None
+    verify(data, ref)
+    return data
+
+
+def verify(data: bytes, ref: WeightsRef) -> None:
+    """Fail unless `data` are the very bytes the run resolved (and records in the features' provenance)."""
+    got = hashlib.sha256(data).hexdigest()
+    if got != ref.sha256:
+        raise WeightsError(
+            f"weights {ref.id} ({ref.uri}): the bytes loaded have sha256 {got}, but the run resolved sha256 "
+            f"{ref.sha256}. The file changed (or was damaged) after the run resolved it; rerun, so that the "
+            f"features record the weights that made them.")
+
+
+def state_dict(data: bytes, ref: WeightsRef) -> dict[str, torch.Tensor]:
+    """A state_dict from a weights file's bytes: safetensors, or a torch pickle read with weights_only."""
+    if (ref.uri or "").endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
         return load_safetensors(data)

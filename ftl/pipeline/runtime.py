@@ -13,6 +13,7 @@ import torch
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import allocator, device_decode
+from ftl.pipeline.progress import report
 from ftl.pipeline.tuning import Runtime
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,8 +55,8 @@ class ModelActor:
     `rows` (the batch, its outputs and row status → an Arrow table).
     """
 
-    def __init__(self, runtime: Runtime, *, pre: imaging.Preprocess):
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, *, pre: imaging.Preprocess, progress=None):
+        self.runtime, self.progress = runtime, progress  # progress: the run's ftl.pipeline.progress counter
         self.device = pick_device(runtime.device)
         allocator.reuse_freed_memory()
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (often 1); on CPU the model should
@@ -115,4 +116,6 @@ class ModelActor:
         with self.stream():
             pixels = self.pixels(batch, ok, stage, error) if ok.any() else []
             out = self.forward(pixels) if len(pixels) else None
+        done = int((batch["stage"] == schema.STAGE_DONE).sum())
+        report(self.progress, ok=int(ok.sum()), failed=len(ok) - int(ok.sum()) - done, done=done)
         return self.rows(batch, out, ok, stage, error)

@@ -1,0 +1,78 @@
+"""Workflow section of `ftl finetune`: which blocks of the backbone train, how, and on what hardware."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ftl.config.base import Strict
+
+# One block ("features.14"), or an inclusive range of blocks: "features.14:", ":layer3", "features.12:features.15".
+BLOCK_RANGE = re.compile(r"^[A-Za-z0-9_.]*(:[A-Za-z0-9_.]*)?$")
+
+
+class FinetuneConfig(Strict):
+    """`finetune:` LP-FT from the best linear probe of the features, on Ray Train; unset keys have working defaults."""
+
+    probe: str | None = Field(default=None, description="models:/<name>/<version> of the probe's image model to start "
+                              "from; default: the best linear probe on val for these features, fitted first if none")
+    blocks: str | list[str] | None = Field(
+        default=None, description="blocks that train: 'features.14:' (inclusive range), a list, or 'auto' (tries "
+        "auto_candidates ranges, keeps the best on val); default: the blocks after the layer the sweep chose, "
+        "else the last stage feeding the head's layer")
+    auto_candidates: list[Literal["last_stage", "last_two_stages", "first_stage", "all"]] = Field(
+        default_factory=lambda: ["last_stage", "last_two_stages", "first_stage"], min_length=1,
+        description="the ranges blocks=auto tries, each trained in full")
+    # LP-FT wants small steps: the head starts trained, and AdamW moves every weight by about the lr per step.
+    lr: float = Field(default=3e-4, gt=0, description="the head's learning rate")
+    backbone_lr: float = Field(default=1e-4, gt=0, description="the top trained block's lr")
+    layer_decay: float | None = Field(default=None, gt=0, le=1, description="each block below the top one trains at "
+                                      "this factor of the lr of the block above (timm's layer decay; MAE uses 0.65-0.75)")
+    weight_decay: float = Field(default=0.05, ge=0, description="AdamW's decoupled decay, on weights, not biases or norms")
+    freeze_bn: bool = Field(default=True, description="BatchNorm keeps its running statistics and affine parameters")
+    augment: bool = Field(default=True, description="random resized crop and horizontal flip of train images")
+    crop_scale: tuple[float, float] = Field(default=(0.5, 1.0), description="random resized crop's area range")
+    epochs: int = Field(default=10, ge=1)
+    warmup_epochs: int = Field(default=1, ge=0, description="linear lr warmup before the cosine decay: AdamW's first "
+                               "steps move every weight by about the lr, which distorts pretrained blocks")
+    patience: int = Field(default=3, ge=1, description="epochs without a better val loss before stopping")
+    batch_size: int = Field(default=64, ge=1, description="global: split across workers")
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP: gloo on CPU, NCCL on GPUs)")
+    use_gpu: Literal["auto"] | bool = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on GPUs")
+    torch_threads: int | None = Field(default=None, ge=1, description="per CPU worker; default: the node's cores "
+                                      "divided among its workers")
+    cache_prefix: bool = Field(default=False, description="run the frozen prefix once (Ray Data actors) and keep its "
+                               "output at the cut in the object store as fp16; epochs then skip the frozen blocks. "
+                               "Needs augment: false")
+    shuffle_buffer: int = Field(default=1024, ge=1, description="rows each worker shuffles per epoch (rows are also "
+                                "permuted once, seeded, before the first epoch)")
+    max_failures: int = Field(default=2, ge=0, description="worker failures retried from the last checkpoint")
+    checkpoints: str | None = Field(default=None, description="Ray Train storage, local or s3://; "
+                                    "default: <extract.output>/finetune. A killed run resumes from it")
+    seed: int = 0
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _open_range(cls, v):
+        # YAML reads an unquoted `features.14:` (and --set finetune.blocks=features.14:) as {features.14: None}.
+        if isinstance(v, dict) and len(v) == 1 and next(iter(v.values())) is None:
+            return f"{next(iter(v))}:"
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _range_syntax(cls, v):
+        if isinstance(v, str) and v != "auto" and not BLOCK_RANGE.match(v):
+            raise ValueError("give one block (features.14), an inclusive range (features.12:features.15, "
+                             "features.14:, :layer3), a list of blocks, or auto")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_order(cls, v):
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("needs 0 < low <= high <= 1")
+        return v

@@ -1,0 +1,248 @@
+"""The Ray Train loop of fine-tuning: every candidate range of blocks from the probe, early stopping on val,
+a checkpoint per epoch, and a resumed run picking up at the epoch after its last checkpoint.
+
+Each worker streams its shard of train (pixels, or the frozen prefix's output) every epoch, holds
+val whole (so every worker takes the same early-stopping decision, as in ftl.train.fit), and
+trains with DDP (gloo on CPU, NCCL on GPUs) under bf16 autocast on GPUs. Epoch 0 is the probe
+itself, validated before any step: the run starts where the linear probe ended. The training
+rules (parameter groups, cosine schedule, optimizer step, early stopping) are ftl.train.core's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftl.config import FinetuneConfig
+from ftl.finetune import blocks as blockmod
+from ftl.finetune import data, network
+from ftl.io import schema
+from ftl.train import core
+from ftl.train.fit import all_reduce
+
+STATE = "state.pt"
+
+
+@dataclass
+class Session:
+    """What one worker holds for the whole run."""
+
+    cfg: FinetuneConfig
+    net: network.Finetuned
+    chunked: network.Chunked  # the net evaluated in chunks: what core.validate and EarlyStopping see
+    device: torch.device
+    column: str
+    classes: np.ndarray
+    rank: int
+    world: int
+    transform: object | None
+    xv: torch.Tensor = None
+    yv: torch.Tensor = None
+    unreadable: int = 0
+
+
+@dataclass
+class Progress:
+    """What a checkpoint holds: finished candidates, the best one's state, and the one in training."""
+
+    candidate: int = 0
+    done: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"index", "state"} of the best finished candidate
+    current: dict | None = None  # {"epoch", "stopped", "net", "opt", "sched", "stop"}
+    finished: bool = False
+    resumed_at: str | None = None
+
+
+def autocast_for(cfg: FinetuneConfig, device: torch.device):
+    """bf16 autocast on GPUs (precision auto or bf16), nothing on CPUs, where autocast costs more than it saves."""
+    bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+
+def read_split(s: Session, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A whole split into host memory: inputs, class indices, image ids (readable rows only)."""
+    import ray.train
+
+    xs, ys, ids = [], [], []
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=1024, batch_format="numpy"):
+        x, y, bad = data.batch_tensors(batch, column=s.column, classes=s.classes)
+        xs.append(x)
+        ys.append(y)
+        ids += batch["image_id"][batch["error"] == schema.ERROR_NONE].tolist()
+        s.unreadable += bad
+    return torch.cat(xs), torch.cat(ys), ids
+
+
+def train_epoch(s: Session, model: nn.Module, *, opt, sched, seed: int) -> dict:
+    """One pass over this worker's shard; the totals summed over all workers."""
+    import time
+
+    import ray.train
+
+    model.train()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss × rows, correct, rows, unreadable
+    started = time.perf_counter()
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, s.cfg.batch_size // s.world)
+    batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", local_shuffle_seed=seed,
+                                 local_shuffle_buffer_size=max(s.cfg.shuffle_buffer, per_worker))
+    for step, batch in enumerate(batches):
+        x, y, bad = data.batch_tensors(batch, column=s.column, classes=s.classes)
+        if s.transform is not None:
+            x = data.augment(x, s.transform, seed=seed * 100_003 + step)
+        x, y = x.to(s.device, non_blocking=True), y.to(s.device)
+        with autocast_for(s.cfg, s.device)():
+            logits = model(x).float()
+        loss = nn.functional.cross_entropy(logits, y)
+        core.step(loss, opt=opt, sched=sched)
+        totals += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y), bad])
+    totals = all_reduce(totals.to(s.device)).cpu()
+    rows = max(totals[2].item(), 1.0)
+    return {"train_loss": totals[0].item() / rows, "train_accuracy": totals[1].item() / rows,
+            "images_per_second": rows / (time.perf_counter() - started), "unreadable": totals[3].item()}
+
+
+def optimizer(s: Session, trained: list[str], order: list[str], rows: int):
+    """AdamW over the head and the trained blocks (ftl.finetune.blocks): a linear warmup, then core's cosine schedule."""
+    cfg = s.cfg
+    groups = blockmod.param_groups(s.net.backbone, s.net.head, blocks=trained, order=order, lr=cfg.lr,
+                                   backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
+                                   weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups)
+    rows, per_worker = math.ceil(rows / s.world), max(1, cfg.batch_size // s.world)
+    warm = min(cfg.warmup_epochs, cfg.epochs - 1)
+    if not warm:
+        return opt, core.cosine(opt, epochs=cfg.epochs, rows=rows, batch_size=per_worker)
+    steps = warm * math.ceil(rows / per_worker)
+    ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=steps)
+    decay = core.cosine(opt, epochs=cfg.epochs - warm, rows=rows, batch_size=per_worker)
+    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, decay], milestones=[steps])
+
+
+def save(p: Progress, *, rank: int, metrics: dict) -> None:
+    """Report an epoch to Ray Train; rank 0 attaches the checkpoint (the others hold the same state)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(vars(p), os.path.join(tmp, STATE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def restore() -> Progress:
+    """The progress of the last checkpoint of this run (a rerun after a kill, or a restarted worker group)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as d:
+        p = Progress(**torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False))
+    where = f"epoch {p.current['epoch']}" if p.current else "a finished candidate"
+    p.resumed_at = "the end (training was done)" if p.finished else f"candidate {p.candidate}, {where}"
+    return p
+
+
+def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], rows: int, initial: dict) -> dict:
+    """Train one range of blocks from the probe (or from its checkpoint) until early stopping; its summary."""
+    s.chunked.load_state_dict(initial)
+    s.net.set_trainable(trained)
+    model = s.net
+    if s.world > 1:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(s.net, move_to_device=False)
+    opt, sched = optimizer(s, trained, order, rows)
+    stop = core.EarlyStopping(s.cfg.patience)
+    cur = p.current or {"epoch": 0, "stopped": False}
+    if p.current:
+        s.chunked.load_state_dict(cur["net"])
+        opt.load_state_dict(cur["opt"]), sched.load_state_dict(cur["sched"]), vars(stop).update(cur["stop"])
+    else:  # epoch 0: the probe before any step, validated like every epoch
+        stop.observe(s.chunked, s.xv, s.yv, epoch=0, train_loss=math.nan, lr=0.0)
+    for epoch in range(cur["epoch"] + 1, s.cfg.epochs + 1):
+        if cur["stopped"]:
+            break
+        seed = ((s.cfg.seed * 1009 + p.candidate) * 10_007 + epoch) * 101 + s.rank  # a new shuffle per epoch
+        row = train_epoch(s, model, opt=opt, sched=sched, seed=seed % 2**31)
+        stopped = stop.observe(s.chunked, s.xv, s.yv, epoch=epoch, train_loss=row.pop("train_loss"),
+                               lr=sched.get_last_lr()[0])
+        stop.history[-1].update(row)
+        p.current = {"epoch": epoch, "stopped": stopped, "net": s.chunked.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "stop": vars(stop)}
+        save(p, rank=s.rank, metrics={"candidate": p.candidate, **stop.history[-1]})
+        cur = p.current
+    kept = next(h for h in stop.history if h["epoch"] == stop.epoch)
+    return {"blocks": trained, "epoch": stop.epoch, "val_loss": kept["val_loss"],
+            "val_accuracy": kept["val_accuracy"], "history": stop.history, "state": stop.best(s.chunked)}
+
+
+def rank(summary: dict) -> tuple[float, float]:
+    """Which candidate is kept: val accuracy, then the lower val loss (the sweep's rule)."""
+    return summary["val_accuracy"], -summary["val_loss"]
+
+
+def session(cfg: FinetuneConfig, config: dict) -> Session:
+    """The worker's device, threads and network (the probe's backbone and head), and its augmentation."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray sets one thread per worker; the node's cores are shared by its workers instead
+        torch.set_num_threads(cfg.torch_threads or max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
+    torch.manual_seed(cfg.seed)
+    spec = {**config["spec"], **ray.get(config["states"])}
+    column = config["column"]
+    net = network.build(spec, inputs=column).to(device)
+    transform = data.augmenter(spec["crop"], cfg.crop_scale) if cfg.augment and column == data.PIXELS else None
+    return Session(cfg=cfg, net=net, device=device, column=column, transform=transform,
+                   chunked=network.Chunked(net, batch_size=256, device=device, autocast=autocast_for(cfg, device)),
+                   classes=np.array(config["classes"], dtype=object), rank=ctx.get_world_rank(),
+                   world=ctx.get_world_size())
+
+
+def logits(s: Session, x: torch.Tensor) -> np.ndarray:
+    s.chunked.eval()
+    with torch.no_grad():
+        return s.chunked(x).cpu().numpy()
+
+
+def train_loop(config: dict) -> dict | None:
+    """Runs on every Ray Train worker: each candidate in turn, the best kept on val, then val and test once."""
+    cfg = FinetuneConfig.model_validate(config["finetune"])
+    s = session(cfg, config)
+    initial = copy.deepcopy(s.chunked.state_dict())
+    p = restore()
+    s.xv, yv, _ = read_split(s, "val")
+    s.yv = yv.to(s.device)
+    for index in range(p.candidate, len(config["candidates"])):
+        summary = candidate(s, p, trained=config["candidates"][index], order=config["order"], rows=config["rows"],
+                            initial=initial)
+        state = summary.pop("state")
+        if p.best is None or rank(summary) > rank(p.done[p.best["index"]]):
+            p.best = {"index": index, "state": state}
+        p.done.append(summary)
+        p.candidate, p.current = index + 1, None
+    if not p.finished:
+        p.finished = True
+        save(p, rank=s.rank, metrics={"candidate": p.best["index"], **p.done[p.best["index"]]["history"][-1]})
+    s.chunked.load_state_dict(p.best["state"])
+    if s.rank != 0:
+        return None
+    xt, yt, ids = read_split(s, "test")  # the only look at test: the kept model, once
+    return {"val": {"logits": logits(s, s.xv), "y": yv.numpy()},
+            "test": {"logits": logits(s, xt), "y": yt.numpy(), "image_id": ids},
+            "candidates": p.done, "chosen": p.best["index"], "device": str(s.device), "resumed_at": p.resumed_at,
+            "unreadable": s.unreadable}

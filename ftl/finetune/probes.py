@@ -1,0 +1,90 @@
+"""LP-FT's first step: the linear probe that fine-tuning starts from, found in MLflow or fitted now.
+
+Kumar et al. (ICLR 2022): fine-tuning from a trained linear head, instead of a random one,
+distorts the pretrained features less. The probe is the best linear head on val that `ftl train`
+or `ftl sweep` registered for these very features (its image model's version carries the
+feature set), or the one `finetune.probe` names; with none, `ftl train` fits one first. Its
+registered image model holds everything fine-tuning needs: the backbone weights that made the
+features, the head with its standardisation, the layer and pooling, the classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftl import tracking
+from ftl.config import Workflow
+from ftl.errors import FeatureError, TrainError
+from ftl.io import storage
+from ftl.train import evaluate, features
+
+
+@dataclass
+class Probe:
+    model: str  # models:/<name>/<version> of its image model
+    meta: dict  # the image model's ftl_model.json: provenance, layer, classes, head config
+    backbone_state: dict
+    head: object  # ftl.model.heads.Head
+    data: features.FeatureData  # its features, for its metrics on the same splits
+    sweep_layer: str | None  # the layer a sweep of these features chose, if one did
+    fitted_now: bool = False
+
+    @property
+    def layer(self) -> str:
+        return self.meta["layer"]["name"]
+
+    def metrics(self) -> dict[str, float]:
+        """The probe on train, val and test of its features: what fine-tuning is measured against."""
+        out = {}
+        for split in features.SPLITS:
+            o = evaluate.outcome(self.head, self.data.x[split], self.data.y[split])
+            out.update({f"{split}/{k}": v for k, v in evaluate.metrics(o).items()})
+        return out
+
+
+def feature_set(uri: str, storage_options: dict | None) -> str:
+    loc = storage.locate(uri, storage_options)
+    parts = storage.list_parquet(loc)
+    if not parts:
+        raise FeatureError(f"no feature Parquet under {loc.uri}; fine-tuning starts from a probe on extracted "
+                           f"features: run `ftl extract` (or `ftl run`) first, or set train.features")
+    return features.check_provenance(loc, parts)["feature_set"]
+
+
+def choose(wf: Workflow, uri: str) -> tuple[str, str | None, bool]:
+    """The probe's model URI, the sweep's layer, and whether the probe was fitted now."""
+    found = tracking.find_probes(feature_set(uri, wf.storage.options))
+    sweep_layer = next((p["layer"] for p in found if p["stage"] == "sweep"), None)
+    if wf.finetune.probe:
+        return wf.finetune.probe, sweep_layer, False
+    linear = [p for p in found if p["head"] == "linear"]
+    if linear:
+        return linear[0]["model"], sweep_layer, False
+    from ftl.train import stage as train_stage
+
+    fitted = train_stage.run(wf.model_copy(update={"train": wf.train.model_copy(update={"head": "linear"})}))
+    if fitted.model is None:
+        raise TrainError("fine-tuning needs the probe's image model, and features from random-init weights have "
+                         "none; extract with pretrained weights")
+    return fitted.model, sweep_layer, True
+
+
+def find(wf: Workflow, uri: str) -> Probe:
+    """The probe to start from, loaded: its weights, its head, its features and their splits."""
+    from safetensors.torch import load_file
+
+    from ftl.model import classifier
+
+    model, sweep_layer, fitted_now = choose(wf, uri)
+    with tracking.temp_dir() as tmp:
+        folder = tracking.model_folder(model, tmp)
+        clf = classifier.ImageClassifier(folder)
+        backbone_state = load_file(f"{folder}/backbone.safetensors")
+    t = wf.train
+    data = features.load(uri, layer=clf.layer, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
+                         storage_options=wf.storage.options)
+    if data.provenance["feature_set"] != clf.meta["provenance"]["feature_set"] or data.classes != clf.classes:
+        raise TrainError(f"finetune.probe: {model} was not trained on the features at {data.uri} (other feature set "
+                         f"or classes); leave finetune.probe unset to find the probe of these features")
+    return Probe(model=model, meta=clf.meta, backbone_state=backbone_state, head=clf.head.cpu().eval(), data=data,
+                 sweep_layer=sweep_layer, fitted_now=fitted_now)

@@ -1,0 +1,91 @@
+"""The driver's side of fine-tuning on Ray Train: the worker group, its checkpoints, and what comes back.
+
+A run is named after what it trains (ftl.finetune.stage's key), so the rerun of a killed run
+finds its checkpoints under the same name and Ray Train restores from the latest; worker
+failures inside one run are retried from it too (finetune.max_failures).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ftl.config import FinetuneConfig
+from ftl.errors import TrainError
+from ftl.finetune import data, loop
+from ftl.finetune.blocks import Plan
+from ftl.io import storage
+from ftl.train.fit import ray_has_gpu
+
+
+@dataclass
+class Tuned:
+    """The kept model's weights, its per-candidate histories, and its logits on val and test."""
+
+    backbone_state: dict
+    head_state: dict
+    candidates: list[dict]  # blocks, kept epoch, val loss and accuracy, history
+    chosen: int
+    val: dict  # logits, y
+    test: dict  # logits, y, image_id
+    device: str
+    resumed_at: str | None
+    unreadable: int
+    checkpoint: str
+    seconds: float
+
+    @property
+    def history(self) -> list[dict]:
+        return self.candidates[self.chosen]["history"]
+
+
+def run_config(cfg: FinetuneConfig, *, name: str, storage_path: str, storage_options: dict | None):
+    """Checkpoints under `storage_path` (local or s3://) as Ray Train wants them: a pyarrow filesystem and a path."""
+    import ray.train
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    loc = storage.locate(storage_path, storage_options)
+    return loc, ray.train.RunConfig(
+        name=name, storage_path=loc.path, storage_filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures))
+
+
+def states(p: dict, prefix: str) -> dict:
+    """One module's part of the kept state (Chunked → Finetuned → backbone or head)."""
+    return {k.removeprefix(prefix): v for k, v in p.items() if k.startswith(prefix)}
+
+
+def fit(cfg: FinetuneConfig, *, spec: dict, weights: dict, plan: Plan, datasets: dict, column: str,
+        classes: list[str], rows: int, name: str, storage_path: str, storage_options: dict | None) -> Tuned:
+    """Train every candidate of `plan` on a TorchTrainer worker group; resumes a run of the same name."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = time.perf_counter()
+    gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
+    loc, run = run_config(cfg, name=name, storage_path=storage_path, storage_options=storage_options)
+    # The weights travel once through the object store, not inside every worker's pickled config.
+    config = {"finetune": cfg.model_dump(mode="json"), "spec": spec, "states": ray.put(weights),
+              "candidates": plan.candidates, "order": plan.order, "column": column, "classes": classes, "rows": rows}
+    ingest = ray.train.DataConfig(datasets_to_split=["train"],
+                                  execution_options=data.ordered(ray.train.DataConfig.default_ingest_options()))
+    trainer = TorchTrainer(loop.train_loop, train_loop_config=config, run_config=run, datasets=datasets,
+                           torch_config=TorchConfig(backend="nccl" if gpu else "gloo"), dataset_config=ingest,
+                           scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu))
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train's own error wraps the worker's traceback, which it has logged
+        raise TrainError(f"fine-tuning failed: {e}\nIts checkpoints are under {loc.join(name).uri}: rerun the same "
+                         f"command to resume from the last one.") from e
+    out = result.return_value
+    with result.checkpoint.as_directory() as d:
+        kept = torch.load(os.path.join(d, loop.STATE), map_location="cpu", weights_only=False)["best"]["state"]
+    return Tuned(backbone_state=states(kept, "net.backbone."), head_state=states(kept, "net.head."),
+                 candidates=out["candidates"], chosen=out["chosen"], val=out["val"], test=out["test"],
+                 device=out["device"], resumed_at=out["resumed_at"], unreadable=out["unreadable"],
+                 checkpoint=loc.to_uri(result.checkpoint.path), seconds=time.perf_counter() - started)
