@@ -1,9 +1,8 @@
-"""MLflow: the only module that talks to it. Runs, params, metrics, lineage, models, registry."""
+"""Runs: the store and experiment, runs and their params, metrics, artifacts and dataset lineage."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -11,19 +10,14 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from ftl.config import TrackingConfig
 from ftl.errors import TrackingError
+from ftl.tracking.lookup import find_extraction
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI views.
 KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = {KIND_TAG: "custom_model_development"}
-# The code the composed model carries: the Ray-free model package and the one module it needs besides.
-SHIPPED_CODE = ("__init__.py", "errors.py", "model")
-# What that code imports (tests/test_model_package.py checks the two against each other).
-COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "fsspec")
 
 
 def uri_of(cfg: TrackingConfig) -> str:
@@ -84,6 +78,15 @@ def child(*, name: str, stage: str, tags: dict | None = None) -> Iterator[str]:
 
     with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **(tags or {})},
                           log_system_metrics=False) as run:
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def resume(cfg: TrackingConfig, run_id: str) -> Iterator[str]:
+    """An earlier run, reopened: a resumed fine-tuning logs into the run it began."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics) as run:
         yield run.info.run_id
 
 
@@ -183,166 +186,11 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
     return run_id
 
 
-def find_extraction(feature_set: str, features_uri: str) -> str | None:
-    """The latest extraction run that wrote this feature set to this place, if any."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        filter_string=f"tags.`ftl.stage` = 'extract' and tags.`ftl.feature_set` = '{feature_set}' "
-                      f"and tags.`ftl.features_uri` = '{features_uri}'",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def find_training(key: str):
-    """A finished training run with this key (same features, train config and model name), if any."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        filter_string=f"tags.`ftl.stage` = 'train' and tags.`ftl.train_key` = '{key}' and "
-                      f"attributes.status = 'FINISHED' and tags.`ftl.model` != ''",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
-    )
-    return runs[0] if runs else None
-
-
 def set_tags(tags: dict) -> None:
     import mlflow
 
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def requirements(*packages: str) -> list[str]:
-    """Pinned pip requirements of what we know the model imports; MLflow's guessing costs seconds."""
-    return [f"{p}=={importlib.metadata.version(p)}" for p in packages]
-
-
-def log_head(head, example: np.ndarray, *, name: str, registered: str | None):
-    """The head (probabilities out) as pt2: a torch.export graph, loadable without ftl's code."""
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        out = head(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        head, name=name, signature=infer_signature(example, out), input_example=example,
-        serialization_format="pt2", pip_requirements=requirements("torch"), registered_model_name=registered,
-    )
-
-
-def log_composed(folder: str, *, name: str, registered: str, classes: int):
-    """The image → class pyfunc, carrying ftl's model package and the backbone weights."""
-    import mlflow.pyfunc
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import Array
-
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "uri", required=False)]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec(Array("double"), "probabilities")]),
-    )
-    with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp:
-        return mlflow.pyfunc.log_model(
-            name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[model_code(tmp)],
-            signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS),
-            registered_model_name=registered,
-        )
-
-
-def model_code(parent: str) -> str:
-    """A copy of SHIPPED_CODE as `parent`/ftl, so that it keeps the import name `ftl`; returns that folder."""
-    import shutil
-
-    import ftl
-
-    source = os.path.dirname(ftl.__file__)
-
-    def skip(folder: str, names: list[str]) -> list[str]:
-        top = os.path.samefile(folder, source)
-        return [n for n in names if n == "__pycache__" or (top and n not in SHIPPED_CODE)]
-
-    return shutil.copytree(source, os.path.join(parent, "ftl"), ignore=skip)
-
-
-def tag_version(name: str, version: str, tags: dict) -> None:
-    """Tags on a registered model version: what it was built from."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
-
-
-def load_classifier(model_uri: str, *, tracking_uri: str | None = None):
-    """The composed model's ImageClassifier, from models:/name/version, runs:/ or a path."""
-    import mlflow.pyfunc
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri).get_raw_model()
-    except Exception as e:
-        raise TrackingError(f"cannot load model {model_uri} from {mlflow.get_tracking_uri()}: {e}") from e
-
-
-
 def temp_dir():
     return tempfile.TemporaryDirectory(prefix="ftl-model-")
-
-
-# Fine-tuning (ftl.finetune): the probes it starts from, its own runs to resume, the probe's model files.
-
-
-def find_probes(feature_set: str) -> list[dict]:
-    """Heads that `ftl train` or `ftl sweep` registered as image models for this feature set, best val first."""
-    import mlflow
-
-    client, out = mlflow.MlflowClient(), []
-    runs = mlflow.search_runs(filter_string="attributes.status = 'FINISHED' and tags.`ftl.image_model` != ''",
-                              order_by=["attributes.start_time DESC"], output_format="list")
-    for run in runs:
-        tags, stage = run.data.tags, run.data.tags.get("ftl.stage")
-        if stage not in ("train", "sweep"):
-            continue
-        name, version = tags["ftl.image_model"].removeprefix("models:/").rsplit("/", 1)
-        lineage = client.get_model_version(name, version).tags  # a sweep's run spans feature sets; its model does not
-        if lineage.get("ftl.feature_set") == feature_set:
-            out.append({"model": tags["ftl.image_model"], "run_id": run.info.run_id, "stage": stage,
-                        "layer": lineage["ftl.layer"], "head": run.data.params.get(f"{stage}.head", ""),
-                        "val_accuracy": run.data.metrics.get("val/accuracy", 0.0)})
-    return sorted(out, key=lambda p: -p["val_accuracy"])
-
-
-def find_finetune(key: str):
-    """The latest fine-tuning run with this key, finished or not (a killed one is resumed), if any."""
-    import mlflow
-
-    runs = mlflow.search_runs(filter_string=f"tags.`ftl.stage` = 'finetune' and tags.`ftl.finetune_key` = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    return runs[0] if runs else None
-
-
-@contextlib.contextmanager
-def resume(cfg: TrackingConfig, run_id: str) -> Iterator[str]:
-    """An earlier run, reopened: a resumed fine-tuning logs into the run it began."""
-    import mlflow
-
-    with mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics) as run:
-        yield run.info.run_id
-
-
-def model_folder(model_uri: str, dst: str) -> str:
-    """The files of a composed image model (ftl_model.json, weights), downloaded under `dst`."""
-    import mlflow.artifacts
-
-    try:
-        root = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
-    except Exception as e:
-        raise TrackingError(f"cannot download model {model_uri} from {mlflow.get_tracking_uri()}: {e}") from e
-    found = sorted(Path(root).rglob("ftl_model.json"))
-    if not found:
-        raise TrackingError(f"{model_uri} is not an ftl image model (no ftl_model.json); give one that ftl registered")
-    return str(found[0].parent)
