@@ -107,7 +107,7 @@ def report(runs: dict[str, dict], args) -> None:
         prefix = f"{r['prefix_seconds']:.1f}" if r["prefix_seconds"] is not None else "-"
         print(f"{name:<32} {prefix:>13} {ips} {r['result'].seconds:>8.1f} {r['result'].metrics['test/accuracy']:>9.4f}")
     print(f"\n{'epoch':<6} {'probe':>8} " + " ".join(f"{n[:24]:>26}" for n in runs))
-    for e in range(0, args.epochs + 1):
+    for e in range(args.epochs + 1):
         vals = " ".join(f"{r['val_accuracy'].get(e, float('nan')):>26.4f}" for r in runs.values())
         print(f"{e:<6} {first.probe_metrics['val/accuracy']:>8.4f} {vals}")
     print(f"(val accuracy; epoch 0 is the probe's head on the network before any step; probe test accuracy "

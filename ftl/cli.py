@@ -83,15 +83,6 @@ def sweep(workflow: Workflow, set: Sets = None) -> None:
 
 
 @app.command()
-def finetune(workflow: Workflow, set: Sets = None) -> None:
-    """Fine-tune the backbone's chosen blocks from the best linear probe (LP-FT) on Ray Train; register the model."""
-    from ftl.finetune import stage
-
-    wf = config.load_workflow(workflow, set or [])
-    typer.echo(stage.run(wf).summary())
-
-
-@app.command()
 def predict(workflow: Annotated[Optional[Path], typer.Argument(
                 help="workflow YAML with a predict: section; optional with --model, --input and --output")] = None,
             set: Sets = None,
@@ -125,6 +116,14 @@ def layers(backbone: Annotated[str, typer.Argument(help="a torchvision model nam
     for name, shape in backbones.tap_points(backbone):
         mark = "  (default: penultimate)" if name == default else ""
         typer.echo(f"{name:<40} {str(shape[1:]):<22} {backbones.pooled_dim(shape, pooling)}{mark}")
+
+
+@app.command()
+def finetune(workflow: Workflow, set: Sets = None) -> None:
+    """Fine-tune the backbone's chosen blocks from the best linear probe (LP-FT) on Ray Train; register the model."""
+    from ftl.finetune.stage import run as finetune_run
+
+    typer.echo(finetune_run(config.load_workflow(workflow, set or [])).summary())
 
 
 def main(argv: list[str] | None = None) -> int:

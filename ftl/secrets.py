@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from typing import Any
 
 MASK = "***"
@@ -28,14 +29,14 @@ def is_secret(name: str) -> bool:
     ws = words(name)
     if ws == ["key"] or SECRET_WORDS & set(ws):
         return True
-    return any(a in KEY_WORDS and b == "key" for a, b in zip(ws, ws[1:]))
+    return any(a in KEY_WORDS and b == "key" for a, b in pairwise(ws))
 
 
 def mask_secrets(data: Any) -> Any:
     """A copy of nested dicts and lists with every credential replaced by ***: values under secret keys,
     and passwords inside strings (URLs with user:password@, name=value pairs)."""
     if isinstance(data, dict):
-        return {k: (MASK if is_secret(str(k)) and data[k] not in (None, "", {}, []) else mask_secrets(v))
+        return {k: (MASK if is_secret(str(k)) and v not in (None, "", {}, []) else mask_secrets(v))
                 for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return type(data)(mask_secrets(v) for v in data)

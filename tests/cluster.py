@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 
@@ -98,14 +99,7 @@ class Head:
 
 def end_session(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Signal every process of `proc`'s session (SIGKILL after 10 s); nothing else is touched."""
-    sid = proc.pid
-    procs = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                procs.append(p)
-        except OSError:
-            pass
+    procs = session_processes(proc.pid)
     for p in procs:
         try:
             p.send_signal(sig)
@@ -121,23 +115,28 @@ def end_session(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     proc.wait(timeout=10)
 
 
-def session_members(sid: int) -> list[int]:
+def session_processes(sid: int) -> list[psutil.Process]:
+    """The live processes of session `sid` (a node, as `ray start` began it)."""
     out = []
     for p in psutil.process_iter():
         try:
             if os.getsid(p.pid) == sid:
-                out.append(p.pid)
+                out.append(p)
         except OSError:
             pass
     return out
+
+
+def session_members(sid: int) -> list[int]:
+    return [p.pid for p in session_processes(sid)]
 
 
 class Worker:
     """A worker node that joins `head` from its own mount namespace: an empty tmpfs hides each of
     `private` (the driver's temp dir, torch cache, home) from it, as another machine would."""
 
-    def __init__(self, head: Head, log: Path, *, num_cpus: float, resources: dict, private: list[str], env: dict | None = None,
-                 keep: tuple[str, ...] = (), object_store_mib: int = 192):
+    def __init__(self, head: Head, log: Path, *, num_cpus: float, resources: dict, private: list[str],
+                 env: dict | None = None, keep: tuple[str, ...] = (), object_store_mib: int = 192):
         ports = {flag: free_port() for flag in NODE_PORT_FLAGS}
         ray_start = [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", str(num_cpus),
                      "--num-gpus", "0", "--resources", json.dumps(resources), "--disable-usage-stats",
@@ -179,7 +178,7 @@ class Cluster:
 
     # The decode node holds reader tasks (0.5 CPU each) and write tasks (1 CPU) side by side, as
     # cluster.yaml's 16-core cpu_decode nodes do; the backbone node's CPU is its actor's.
-    CPUS = {"decode": 2, "backbone": 1}
+    CPUS: ClassVar[dict[str, int]] = {"decode": 2, "backbone": 1}
 
     def __init__(self, logs: Path, *, hide: list[str], head_env: dict | None = None, worker_env: dict | None = None):
         self.logs, self.hide, self.count, self.worker_env = logs, hide, 0, worker_env or {}
@@ -207,10 +206,23 @@ class Cluster:
         return self.workers[kind]
 
     def stop(self) -> None:
+        print(f"\ncluster CPU time: {self.cpu_seconds():.0f} s (all nodes, finished processes included)")
         for w in self.workers.values():
             w.stop()
         self.head.stop()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def cpu_seconds(self) -> float:
+        """CPU the live nodes' processes and the ones they reaped used: what a quiet machine's wall time follows."""
+        total = 0.0
+        for proc in [self.head.proc, *(w.proc for w in self.workers.values())]:
+            for p in session_processes(proc.pid):
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+        return total
 
     def submit(self, job_dir: Path, entrypoint: str, *, job_id: str, env: dict | None = None) -> None:
         """`ray job submit --no-wait` of `entrypoint`, shipping `job_dir`, as a user does."""
@@ -235,7 +247,8 @@ class Cluster:
             if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return info
             time.sleep(1)
-        raise AssertionError(f"job {job_id} still {info['status']} after {timeout:.0f}s:\n{self.logs_of(job_id)[-4000:]}")
+        raise AssertionError(f"job {job_id} still {info['status']} after {timeout:.0f}s:\n"
+                             f"{self.logs_of(job_id)[-4000:]}")
 
     def logs_of(self, job_id: str) -> str:
         status, body = self.head.api(f"/api/jobs/{job_id}/logs")
@@ -250,7 +263,7 @@ class Cluster:
 
     def node_of(self, kind: str) -> str:
         """The node id of the live worker of `kind`."""
-        status, body = self.head.api("/nodes?view=summary")
+        _, body = self.head.api("/nodes?view=summary")
         for n in json.loads(body)["data"]["summary"]:
             if n["raylet"]["state"] == "ALIVE" and kind in n["raylet"].get("resourcesTotal", {}):
                 return n["raylet"]["nodeId"]
@@ -259,7 +272,8 @@ class Cluster:
     def log_dirs(self) -> list[Path]:
         """Every live node's Ray logs; a worker's through its own view of the disk (/proc/<pid>/root)."""
         dirs = [self.temp_dir / "session_latest" / "logs"]
-        dirs += [Path(f"/proc/{w.proc.pid}/root/tmp/ray/session_latest/logs") for w in self.workers.values()
+        # Workers write under the head's temp dir path too, in their own /tmp.
+        dirs += [Path(f"/proc/{w.proc.pid}/root{self.temp_dir}/session_latest/logs") for w in self.workers.values()
                  if w.proc.poll() is None]
         return dirs
 

@@ -1,7 +1,10 @@
 """Every S3 request a node makes, recorded by the S3 server, and judged against that node's IAM policy.
 
 `S3Front` serves the test session's S3 state (moto keeps it per process) on a port of its own and
-records each request that reaches it, so that a node pointed at it is known by the port it uses.
+records each request that reaches it, with the node that made it: each node signs its requests for
+a region of its own (AWS_DEFAULT_REGION in its environment), which the request's credential scope
+names. (The endpoint cannot tell them apart: a filesystem the driver opened travels to the write
+tasks with the driver's endpoint in it.)
 `checks` turns a request into what AWS would authorise (an action, a resource ARN, the
 condition keys it carries), and `allowed` evaluates an IAM policy document the way AWS does
 for one principal: an explicit Deny wins, else some Allow must match.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import re
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -31,14 +35,14 @@ class Request:
 
 
 class S3Front:
-    """moto's S3 app on its own port, recording requests under `role`."""
+    """moto's S3 app on its own port, recording each request under the role its signing region names."""
 
-    def __init__(self, role: str, log: list[Request]):
+    def __init__(self, roles: dict[str, str], log: list[Request]):
         from moto.moto_server.threaded_moto_server import MotoRequestHandler
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
-        self.role, self.log = role, log
+        self.roles, self.log = roles, log
         self.app = DomainDispatcherApplication(create_backend_app)
         self.server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -53,7 +57,9 @@ class S3Front:
             deleted = tuple(e.text for e in ET.fromstring(body).iter() if e.tag.endswith("Key"))
         headers = tuple((k, environ[k]) for k in ("HTTP_IF_NONE_MATCH", "HTTP_IF_MATCH", "HTTP_X_AMZ_COPY_SOURCE")
                         if k in environ)
-        self.log.append(Request(self.role, environ["REQUEST_METHOD"], unquote(environ.get("PATH_INFO", "")), query,
+        scope = re.search(r"Credential=[^/]+/\d+/([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        role = self.roles.get(scope.group(1) if scope else "", f"unknown ({scope and scope.group(1)})")
+        self.log.append(Request(role, environ["REQUEST_METHOD"], unquote(environ.get("PATH_INFO", "")), query,
                                 headers, deleted))
         return self.app(environ, start_response)
 
@@ -86,7 +92,8 @@ def single(r: Request, bucket: str, key: str, q: dict) -> list[tuple[str, str, d
     if r.method in ("GET", "HEAD"):
         return [("s3:ListMultipartUploadParts" if "uploadId" in q else "s3:GetObject", arn, {})]
     if r.method == "PUT" or (r.method == "POST" and ("uploads" in q or "uploadId" in q)):
-        conditions = {"s3:if-none-match": headers.get("HTTP_IF_NONE_MATCH"), "s3:if-match": headers.get("HTTP_IF_MATCH")}
+        conditions = {"s3:if-none-match": headers.get("HTTP_IF_NONE_MATCH"),
+                      "s3:if-match": headers.get("HTTP_IF_MATCH")}
         out = [("s3:PutObject", arn, conditions)]
         if "HTTP_X_AMZ_COPY_SOURCE" in headers:  # CopyObject reads its source
             out.append(("s3:GetObject", f"arn:aws:s3:::{unquote(headers['HTTP_X_AMZ_COPY_SOURCE']).lstrip('/')}", {}))

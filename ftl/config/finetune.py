@@ -28,9 +28,9 @@ class FinetuneConfig(Strict):
     # LP-FT wants small steps: the head starts trained, and AdamW moves every weight by about the lr per step.
     lr: float = Field(default=3e-4, gt=0, description="the head's learning rate")
     backbone_lr: float = Field(default=1e-4, gt=0, description="the top trained block's lr")
-    layer_decay: float | None = Field(default=None, gt=0, le=1, description="each block below the top one trains at "
-                                      "this factor of the lr of the block above (timm's layer decay; MAE uses 0.65-0.75)")
-    weight_decay: float = Field(default=0.05, ge=0, description="AdamW's decoupled decay, on weights, not biases or norms")
+    layer_decay: float | None = Field(default=None, gt=0, le=1, description="each block below the top one trains "
+                                      "at this factor of the block above's lr (timm's layer decay; MAE: 0.65-0.75)")
+    weight_decay: float = Field(default=0.05, ge=0, description="AdamW's decoupled decay: weights, not biases or norms")
     freeze_bn: bool = Field(default=True, description="BatchNorm keeps its running statistics and affine parameters")
     augment: bool = Field(default=True, description="random resized crop and horizontal flip of train images")
     crop_scale: tuple[float, float] = Field(default=(0.5, 1.0), description="random resized crop's area range")

@@ -101,7 +101,8 @@ def datasets(rows: dict[str, pa.Table], *, spec: dict | None, pre: imaging.Prepr
              storage_options: dict | None) -> tuple[dict, str]:
     """One Ray Dataset per split and the column the workers read: the prefix's output with a spec, else pixels."""
     if spec is None:
-        return {s: decoded(t, pre=pre, pipeline=pipeline, storage_options=storage_options) for s, t in rows.items()}, PIXELS
+        streamed = {s: decoded(t, pre=pre, pipeline=pipeline, storage_options=storage_options) for s, t in rows.items()}
+        return streamed, PIXELS
     # One pass of one actor pool over every split, cut back into splits by position (the order is kept).
     whole = cached(pa.concat_tables(rows.values()), spec=spec, pre=pre, pipeline=pipeline,
                    storage_options=storage_options)

@@ -111,7 +111,7 @@ def train_epoch(s: Session, model: nn.Module, *, opt, sched, seed: int) -> dict:
 
 
 def optimizer(s: Session, trained: list[str], order: list[str], rows: int):
-    """AdamW over the head and the trained blocks (ftl.finetune.blocks): a linear warmup, then core's cosine schedule."""
+    """AdamW over the head and the trained blocks (ftl.finetune.blocks): linear warmup, then core's cosine schedule."""
     cfg = s.cfg
     groups = blockmod.param_groups(s.net.backbone, s.net.head, blocks=trained, order=order, lr=cfg.lr,
                                    backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
@@ -164,15 +164,16 @@ def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], 
         model = ray.train.torch.prepare_model(s.net, move_to_device=False)
     opt, sched = optimizer(s, trained, order, rows)
     stop = core.EarlyStopping(s.cfg.patience)
-    cur = p.current or {"epoch": 0, "stopped": False}
-    if p.current:
-        s.chunked.load_state_dict(cur["net"])
-        opt.load_state_dict(cur["opt"]), sched.load_state_dict(cur["sched"]), vars(stop).update(cur["stop"])
+    first = 1
+    if p.current:  # resumed: this candidate's state as its last checkpoint left it
+        s.chunked.load_state_dict(p.current["net"])
+        opt.load_state_dict(p.current["opt"])
+        sched.load_state_dict(p.current["sched"])
+        vars(stop).update(p.current["stop"])
+        first = s.cfg.epochs + 1 if p.current["stopped"] else p.current["epoch"] + 1
     else:  # epoch 0: the probe before any step, validated like every epoch
         stop.observe(s.chunked, s.xv, s.yv, epoch=0, train_loss=math.nan, lr=0.0)
-    for epoch in range(cur["epoch"] + 1, s.cfg.epochs + 1):
-        if cur["stopped"]:
-            break
+    for epoch in range(first, s.cfg.epochs + 1):
         seed = ((s.cfg.seed * 1009 + p.candidate) * 10_007 + epoch) * 101 + s.rank  # a new shuffle per epoch
         row = train_epoch(s, model, opt=opt, sched=sched, seed=seed % 2**31)
         stopped = stop.observe(s.chunked, s.xv, s.yv, epoch=epoch, train_loss=row.pop("train_loss"),
@@ -181,8 +182,9 @@ def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], 
         p.current = {"epoch": epoch, "stopped": stopped, "net": s.chunked.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "stop": vars(stop)}
         save(p, rank=s.rank, metrics={"candidate": p.candidate, **stop.history[-1]})
-        cur = p.current
-    kept = next(h for h in stop.history if h["epoch"] == stop.epoch)
+        if stopped:
+            break
+    kept = next((h for h in stop.history if h["epoch"] == stop.epoch), stop.history[-1])
     return {"blocks": trained, "epoch": stop.epoch, "val_loss": kept["val_loss"],
             "val_accuracy": kept["val_accuracy"], "history": stop.history, "state": stop.best(s.chunked)}
 

@@ -51,14 +51,16 @@ class FinetuneResult:
 
     def summary(self) -> str:
         m, p = self.metrics, self.probe_metrics
-        lines = [f"fine-tuned blocks {self.tuned} from probe {self.probe}: rows train {self.rows['train']}, val "
-                 f"{self.rows['val']}, test {self.rows['test']}, in {self.seconds:.1f}s (best epoch {self.best_epoch})"]
+        r = self.rows
+        lines = [(f"fine-tuned blocks {self.tuned} from probe {self.probe}: rows train {r['train']}, val {r['val']}, "
+                  f"test {r['test']}, in {self.seconds:.1f}s (best epoch {self.best_epoch})")]
         if len(self.candidates) > 1:
             lines.append("auto: val accuracy " + "  ".join(f"{k} {v:.4f}" for k, v in self.candidates.items()))
         lines += [f"{'':<16}{'probe':>8}{'fine-tuned':>12}"]
         lines += [f"{k:<16}{p[k]:>8.4f}{m[k]:>12.4f}" for k in ("val/accuracy", "test/accuracy", "test/macro_f1",
                                                                   "test/log_loss")]
-        lines += [f"image model: {self.model}", f"checkpoint:  {self.checkpoint}", f"MLflow run {self.run_id}: {self.link}"]
+        lines += [f"image model: {self.model}", f"checkpoint:  {self.checkpoint}",
+                  f"MLflow run {self.run_id}: {self.link}"]
         return "\n".join(lines + self.notes)
 
 
@@ -97,9 +99,10 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
     extraction_run = tracking.find_extraction(probe.data.provenance["feature_set"], probe.data.uri)
     lineage = register.lineage(probe.data, extraction_run=extraction_run)
     rows = {s: probe.data.rows(s) for s in features.SPLITS}
+    tags = {**lineage, "ftl.finetune_key": key, "ftl.probe_model": probe.model, "ftl.model": ""}
     opened = (tracking.resume(wf.tracking, resume) if resume else
               tracking.start(wf.tracking, name=f"finetune-{describe(plan, plan.candidates)}", stage="finetune",
-                             tags={**lineage, "ftl.finetune_key": key, "ftl.probe_model": probe.model, "ftl.model": ""}))
+                             tags=tags))
     with opened as run_id:
         if not resume:
             train_stage.log_inputs(wf, data=probe.data, rows=rows, extraction_run=extraction_run)
