@@ -198,7 +198,8 @@ def leaks(cluster, job_id: str, logs: str, tracking: str, secret: str) -> list[s
 def test_storage_credentials_appear_nowhere(cluster, run_job, mlflow_server):
     info, logs, _ = run_job
     assert info["status"] == "SUCCEEDED", logs[-6000:]
-    assert leaks(cluster, "run-nodes", logs, mlflow_server, STORAGE_SECRET) == []
+    hits = leaks(cluster, "run-nodes", logs, mlflow_server, STORAGE_SECRET)
+    assert hits == [], hits
 
 
 @pytest.mark.xfail(strict=True, reason="needs ftl/tracking.py: tracking.setup and load_classifier should pass "
@@ -207,7 +208,8 @@ def test_storage_credentials_appear_nowhere(cluster, run_job, mlflow_server):
 def test_tracking_password_appears_nowhere(cluster, run_job, mlflow_server):
     info, logs, _ = run_job
     assert info["status"] == "SUCCEEDED", logs[-6000:]
-    assert leaks(cluster, "run-nodes", logs, mlflow_server, TRACKING_SECRET) == []
+    hits = leaks(cluster, "run-nodes", logs, mlflow_server, TRACKING_SECRET)
+    assert hits == [], hits
 
 
 def policies() -> dict[str, dict]:
