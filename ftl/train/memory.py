@@ -28,6 +28,9 @@ KILL_THRESHOLD = 0.95  # Ray's default RAY_memory_usage_threshold: the node's sh
 LBFGS_HISTORY = 20  # correction pairs L-BFGS keeps, each two vectors of every parameter
 
 
+ALWAYS_HELD = 256 * 2**20  # bytes of train + val per worker that are held, never refused
+
+
 @dataclass(frozen=True)
 class Need:
     """Bytes one worker needs: its share of train held, val held, and the working memory of the fit."""
@@ -96,7 +99,9 @@ def plan(cfg: TrainConfig, *, rows: int, val_rows: int, dim: int, classes: int) 
     n = need(optimizer=optimizer, rows=rows, val_rows=val_rows, dim=dim, classes=classes,
              hidden=cfg.hidden if cfg.head == "mlp" else [], workers=workers, batch_size=cfg.batch_size)
     available, source = budget(workers, staged=(rows + val_rows) * dim * FLOAT)
-    if n.held <= available:
+    # Features this small fit whatever the moment's free memory says: refusing them would only
+    # turn a busy machine into a failed run (the fixed process cost is paid either way).
+    if n.held <= available or n.train + n.val <= ALWAYS_HELD:
         return False, n, available
     if optimizer == "lbfgs":
         shard = math.ceil(rows / workers)
