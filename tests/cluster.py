@@ -194,7 +194,11 @@ class Cluster:
         self.head.wait_ready()
         for kind in ("decode", "backbone"):
             self.add(kind)
-        wait_for_nodes(self.head, 3)
+        try:  # a loaded machine starts a node in tens of seconds
+            wait_for_nodes(self.head, 3, timeout=300)
+        except RuntimeError as e:
+            tails = "".join(f"\n--- {w.log.name}:\n{w.log.read_text()[-2000:]}" for w in self.workers.values())
+            raise RuntimeError(f"{e}{tails}") from None
         return self
 
     def add(self, kind: str) -> Worker:

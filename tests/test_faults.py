@@ -127,11 +127,17 @@ def finish(cluster, root: Path, name: str, out: str, images: list[str], *, fault
     return row
 
 
-def test_backbone_actor_killed_mid_run(cluster, images, s3, tmp_path):
-    root, out = workflow(tmp_path, "actor")
+def extract_mid_run(cluster, s3, tmp_path: Path, name: str) -> tuple[Path, str, dict]:
+    """`ftl extract` submitted as job fault-<name>, once it has committed a part: (job dir, output, job env)."""
+    root, out = workflow(tmp_path, name)
     env = {"AWS_ENDPOINT_URL": s3.url}
-    cluster.submit(root, "ftl extract workflows/actor.yaml", job_id="fault-actor", env=env)
-    wait_mid_run(cluster, "fault-actor", out)
+    cluster.submit(root, f"ftl extract workflows/{name}.yaml", job_id=f"fault-{name}", env=env)
+    wait_mid_run(cluster, f"fault-{name}", out)
+    return root, out, env
+
+
+def test_backbone_actor_killed_mid_run(cluster, images, s3, tmp_path):
+    root, out, env = extract_mid_run(cluster, s3, tmp_path, "actor")
     victims = processes(cluster.workers["backbone"].proc, "Embedder")
     assert victims, "no backbone actor on the backbone node"
     since = time.time()
@@ -143,24 +149,18 @@ def test_backbone_actor_killed_mid_run(cluster, images, s3, tmp_path):
 
 
 def test_worker_node_lost_mid_run(cluster, images, s3, tmp_path):
-    root, out = workflow(tmp_path, "node")
-    env = {"AWS_ENDPOINT_URL": s3.url}
-    cluster.submit(root, "ftl extract workflows/node.yaml", job_id="fault-node", env=env)
-    wait_mid_run(cluster, "fault-node", out)
+    root, out, env = extract_mid_run(cluster, s3, tmp_path, "node")
     since = time.time()
     cluster.workers["backbone"].stop(signal.SIGKILL)  # the spot GPU node is gone, every process on it
     time.sleep(3)
     cluster.add("backbone")  # and the autoscaler brings another
-    wait_for_nodes(cluster.head, 3)
+    wait_for_nodes(cluster.head, 3, timeout=300)
     finish(cluster, root, "node", out, images, fault="backbone worker node killed, replaced 3 s later",
            job_id="fault-node", since=since, env=env)
 
 
 def test_s3_unreachable_for_ten_seconds_mid_run(cluster, images, s3, tmp_path):
-    root, out = workflow(tmp_path, "s3")
-    env = {"AWS_ENDPOINT_URL": s3.url}
-    cluster.submit(root, "ftl extract workflows/s3.yaml", job_id="fault-s3", env=env)
-    wait_mid_run(cluster, "fault-s3", out)
+    root, out, env = extract_mid_run(cluster, s3, tmp_path, "s3")
     since = time.time()
     s3.outage(10)
     finish(cluster, root, "s3", out, images, fault="S3 endpoint down for 10 s", job_id="fault-s3", since=since,
@@ -168,10 +168,7 @@ def test_s3_unreachable_for_ten_seconds_mid_run(cluster, images, s3, tmp_path):
 
 
 def test_driver_killed_then_job_resubmitted(cluster, images, s3, tmp_path):
-    root, out = workflow(tmp_path, "driver")
-    env = {"AWS_ENDPOINT_URL": s3.url}
-    cluster.submit(root, "ftl extract workflows/driver.yaml", job_id="fault-driver", env=env)
-    wait_mid_run(cluster, "fault-driver", out)
+    root, out, env = extract_mid_run(cluster, s3, tmp_path, "driver")
     drivers = processes(cluster.head.proc, "workflows/driver.yaml")
     assert drivers, "no driver process on the head"
     since = time.time()

