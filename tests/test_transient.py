@@ -83,3 +83,40 @@ def test_reads_retry_passing_errors_then_leave_them_for_the_next_run(flaky):
     # Bounded: a read that keeps failing is tried READ_ATTEMPTS times, not forever; the big one never.
     assert FlakyFS.reads["/stays-down.png"] == readers.READ_ATTEMPTS
     assert FlakyFS.reads["/heals.png"] == 3 and FlakyFS.reads["/big.png"] == 0
+
+
+def test_a_commit_rides_out_a_passing_storage_failure(tmp_path, monkeypatch):
+    """The sink's commit fails twice the way an unreachable endpoint does, then lands once, in its place."""
+    import pyarrow.parquet as pq
+
+    from ftl.io import sink, storage
+
+    monkeypatch.setattr(retry, "backoff", lambda attempt: 0.0)
+    real, calls = storage.write_table_atomic, Counter()
+
+    def unreachable_twice(table, where, name):
+        calls[name] += 1
+        if calls[name] <= 2:
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        return real(table, where, name)
+
+    monkeypatch.setattr(storage, "write_table_atomic", unreachable_twice)
+    out = storage.locate(str(tmp_path / "out"))
+    cols = {"image_id": ["a", "b"], "uri": ["/a.png", "/b.png"], "error": [schema.ERROR_NONE] * 2,
+            "stage": ["", ""], "x": [1.0, 2.0]}
+    s = sink.SplitSink(out, folder="features", schema=pa.schema([("image_id", pa.string()), ("x", pa.float64())]),
+                       rows_per_file=2)
+    assert s.write([pa.table(cols)], None)["ok"] == 2
+    landed = pq.read_table(tmp_path / "out" / "features")
+    assert sorted(landed["image_id"].to_pylist()) == ["a", "b"] and sum(calls.values()) == 3
+    # A failure that does not pass is not retried: it fails the task at once.
+    calls.clear()
+
+    def mismatch(table, where, name):
+        calls[name] += 1
+        raise ValueError("schema mismatch")
+
+    monkeypatch.setattr(storage, "write_table_atomic", mismatch)
+    with pytest.raises(ValueError):
+        s.write([pa.table(cols)], None)
+    assert sum(calls.values()) == 1

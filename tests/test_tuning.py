@@ -35,6 +35,14 @@ def test_cpu_cluster_gets_an_actor_per_node_sharing_its_cores():
     assert crowded.runtime.torch_threads == 4  # two actors per node split its 8 cores
 
 
+def test_small_nodes_keep_room_for_a_reader_beside_each_actor():
+    # Two 1-CPU workers: an actor per node must leave a reader's share on its node, or nothing decodes.
+    for nodes, actors in (((1, 1), None), ((1, 1, 1), None), ((2, 2), 4), ((1.5, 4), None)):
+        t = resolve(cfg(actors=actors), Hardware(gpus=0, node_cpus=nodes), crop=224)
+        per_node = -(-t.actors // len(nodes))
+        assert min(nodes) - per_node * t.actor_options["num_cpus"] >= t.reader_cpus, (nodes, t.actor_options)
+
+
 def test_pinned_settings_win_over_hardware():
     pinned = cfg(device="cpu", batch_size=32, decode="device", actors=2, prefetch_batches=5, concurrent_batches=3,
                  buffer_mib=100, precision="bf16", channels_last=False, compile=True, decode_batch_size=16,

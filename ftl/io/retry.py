@@ -14,6 +14,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+# Attempts whose backoff adds up to about 15 s (0.5 + 1 + 2 + 4 + 8, jittered): enough to ride out
+# a short storage outage or a restart of the endpoint, not so long that a dead one hangs a task.
+OUTAGE_ATTEMPTS = 6
 
 TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EAGAIN,
                     errno.EBUSY, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE,

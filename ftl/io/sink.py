@@ -13,10 +13,13 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block
 
-from ftl.io import schema, storage
+from ftl.io import retry, schema, storage
 
 FEATURES, QUARANTINE = schema.FEATURES, schema.QUARANTINE_FOLDER
 COUNTS = ("ok", "quarantined", "done", "retry")
+# A commit rides out a short storage outage before the task fails: commits are idempotent
+# (a part is named after its rows), so trying one again is always safe.
+COMMIT_ATTEMPTS = retry.OUTAGE_ATTEMPTS
 
 
 class SplitSink(Datasink):
@@ -50,15 +53,22 @@ class SplitSink(Datasink):
         # Named after the rows it holds: a write task that Ray retries after committing writes the
         # same name again, so the retry replaces its own part instead of adding its rows twice.
         name = storage.part_name(table["image_id"])
-        if self.fence is not None:
-            self.fence.check()
         if good.num_rows:
-            storage.write_table_atomic(good.select(self.schema.names).cast(self.schema), self.out.join(self.folder), name)
+            self.commit(good.select(self.schema.names).cast(self.schema), self.folder, name)
         if quarantined.num_rows:
             q = pa.table({c: quarantined[self.quarantine_from.get(c, c)] for c in schema.QUARANTINE.names})
-            storage.write_table_atomic(q.cast(schema.QUARANTINE), self.out.join(QUARANTINE), name)
+            self.commit(q.cast(schema.QUARANTINE), QUARANTINE, name)
         return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
                 "retry": pc.sum(retry).as_py() or 0}
+
+    def commit(self, table: pa.Table, folder: str, name: str) -> None:
+        """One part into place, the fence checked right before each try: a lost lease never commits."""
+        def attempt() -> None:
+            if self.fence is not None:
+                self.fence.check()
+            storage.write_table_atomic(table, self.out.join(folder), name)
+
+        retry.with_retries(attempt, attempts=COMMIT_ATTEMPTS)
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:

@@ -19,7 +19,7 @@ from ftl.io import retry, schema, storage
 from ftl.model import imaging
 
 READ, DECODE = "read", "decode"  # the stages a reader marks a failed row with
-READ_ATTEMPTS = 4  # fetches of an object whose reads fail for a passing reason
+READ_ATTEMPTS = retry.OUTAGE_ATTEMPTS  # fetches of an object whose reads fail for a passing reason
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to PIL
 
 

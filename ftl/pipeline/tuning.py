@@ -99,7 +99,7 @@ def resolve(cfg: PipelineConfig, hw: Hardware, *, crop: int) -> Tuning:
         actors=actors,
         prefetch_batches=prefetch,
         concurrent_batches=concurrent,
-        actor_options=actor_options(cfg, gpu, actors, sum(hw.node_cpus)),
+        actor_options=actor_options(cfg, gpu, actors, hw.node_cpus),
         reader_batch_size=cfg.decode_batch_size,
         reader_cpus=cfg.decode_cpus,
         reader_max_bytes=cfg.max_image_bytes,
@@ -120,7 +120,7 @@ def buffer_bytes(cfg: PipelineConfig, *, actors: int, batch: int, queued: int, c
     return max(256 * 2**20, 2 * actors * queued * batch * crop * crop * 3)
 
 
-def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, cpus: float) -> dict:
+def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, node_cpus: tuple[float, ...]) -> dict:
     """Ray's asks for each actor: GPU, CPU (leaving CPU for the readers), environment, placement."""
     # The allocator's settings must be in the environment when the actor's process starts.
     options = {"runtime_env": {"env_vars": dict(allocator.ENV)}}
@@ -129,8 +129,11 @@ def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, cpus: float) -> d
     if gpu:
         return options | {"num_gpus": 1, "num_cpus": cfg.actor_cpus or 1}
     # Torch in the actor uses all cores regardless (see runtime.ModelActor); the ask only has to
-    # leave room for reader tasks: on 2 cores, two actors at num_cpus=1 would starve decoding.
-    options["num_cpus"] = cfg.actor_cpus or min(1.0, max(0.1, (max(cpus, 1) - cfg.decode_cpus) / actors))
+    # leave room for reader tasks on the node it lands on: on 2 cores, two actors at num_cpus=1
+    # would starve decoding, and on 1-CPU nodes an actor at 0.75 leaves no node a reader fits on.
+    per_node = -(-actors // max(1, len(node_cpus)))  # ceil: the busiest node
+    room = (max(min(node_cpus or (1,)), 1) - cfg.decode_cpus) / per_node
+    options["num_cpus"] = cfg.actor_cpus or min(1.0, max(0.1, room))
     if actors > 1:
         options["scheduling_strategy"] = "SPREAD"  # one actor per node is what torch_threads assumes
     return options
