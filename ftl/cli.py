@@ -10,6 +10,7 @@ import typer
 
 from ftl import config, logs
 from ftl.errors import FtlError
+from ftl.secrets import mask_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Feature-based transfer learning: extract backbone features, train heads, track them.")
@@ -101,7 +102,7 @@ def predict(workflow: Annotated[Optional[Path], typer.Argument(
              "actors": actors}
     values = {f"predict.{k}": v for k, v in flags.items() if v is not None}
     wf = config.load_workflow(workflow, set or [], values=values, needs=("predict",))
-    result = stage.run(wf.predict, tracking_uri=tracking.uri_of(wf.tracking), storage=wf.storage)
+    result = stage.run(wf.predict, tracking_uri=tracking.connect(wf.tracking), storage=wf.storage)
     typer.echo(result.summary())
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except FtlError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {mask_text(str(e))}", err=True)  # it may quote a URI or an option that holds one
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -61,7 +61,10 @@ def mask_text(text: str) -> str:
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
     """`https://user:password@host/...` → (`https://host/...`, user, password), so that the password can
     travel as a credential (MLFLOW_TRACKING_USERNAME/PASSWORD) and never inside a URI that gets printed."""
+    from urllib.parse import unquote
+
     m = URL_USERINFO.match(uri)
     if not m:
         return uri, None, None
-    return m["scheme"] + uri[m.end():], m["user"] or None, m["password"]
+    # Percent-decoded, as in any URL: a password holding ':' or '@' is written %3A, %40.
+    return m["scheme"] + uri[m.end():], unquote(m["user"]) or None, unquote(m["password"])

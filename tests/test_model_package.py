@@ -213,3 +213,17 @@ def test_served_model_reads_only_allowed_prefixes_and_caps_bytes(model_folder, i
     with pytest.raises(classifier.ModelInputError, match="more than"):
         model.predict(frame(allowed / "ok.png"))
     assert len(model.predict(pd.DataFrame({"image": [images[0]]}))) == 1  # raw bytes always work
+
+
+def test_a_model_sent_as_bytes_is_the_same_model_or_refused(model_folder, images, expected):
+    """What predict's actors get through the object store: the same predictions, or an error on changed bytes."""
+    from ftl.errors import FtlError
+
+    model = classifier.ImageClassifier(model_folder)
+    files = model.files()
+    again = classifier.ImageClassifier.from_files(files, identity=model.identity)
+    assert again.identity == model.identity
+    assert_same(again.predict(pd.DataFrame({"image": images})), expected)
+    damaged = {**files, "head.safetensors": files["head.safetensors"][:-1] + b"\0"}
+    with pytest.raises(FtlError, match="sha256"):
+        classifier.ImageClassifier.from_files(damaged, identity=model.identity)

@@ -179,7 +179,8 @@ def test_run_trains_and_predict_serves_on_worker_nodes(cluster, images, run_job,
     train = cluster.actors("RayTrainWorker")
     assert train and {a["node_id"] for a in train} <= workers, [a["class_name"] for a in cluster.actors("")]
     assert s3fs.S3FileSystem().find(f"{OUT.removeprefix('s3://')}/run/checkpoints")
-    # The registered model was fetched from MLflow's artifact store by the predict actor on the backbone node.
+    # The driver fetched the registered model from MLflow; the predict actor on the backbone node got its
+    # bytes through the object store (it has no MLflow credentials and cannot see the driver's disk).
     assert {a["node_id"] for a in cluster.actors("Predictor")} == {cluster.node_of("backbone")}
 
 

@@ -33,3 +33,24 @@ def test_embedded_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, mon
         assert mlflow.get_experiment_by_name("local").artifact_location.startswith(Path(tmp_path).as_uri())
     finally:
         mlflow.set_tracking_uri(saved)
+
+
+def test_a_password_in_the_tracking_uri_becomes_mlflow_credentials(monkeypatch):
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    saved = mlflow.get_tracking_uri()
+    try:
+        cfg = TrackingConfig(uri="https://ftl:s3cr%3At@mlflow.example:5000/base")
+        assert tracking.uri_of(cfg) == "https://mlflow.example:5000/base"
+        assert tracking.connect(cfg) == "https://mlflow.example:5000/base" == mlflow.get_tracking_uri()
+        import os
+
+        assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("ftl", "s3cr:t")
+        # From the environment as well: MLflow's own threads read MLFLOW_TRACKING_URI again.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p4ss@127.0.0.1:1")
+        assert tracking.connect(TrackingConfig()) == "http://127.0.0.1:1" == os.environ["MLFLOW_TRACKING_URI"]
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p4ss"
+    finally:
+        mlflow.set_tracking_uri(saved)

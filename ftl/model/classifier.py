@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ META = "ftl_model.json"  # models registered before ftl/model existed (loader ft
 MAX_PIXELS = 89_478_485  # PIL's own default: serving never needs to move PIL's process-wide limit
 URI_PREFIXES_ENV, MAX_BYTES_ENV = "FTL_MODEL_URI_PREFIXES", "FTL_MODEL_MAX_BYTES"
 DEFAULT_MAX_BYTES = 64 * 2**20
+FILES = (META, "backbone.safetensors", "head.safetensors")  # the whole model, in the order its identity hashes
 
 
 class ModelInputError(FtlError, ValueError):
@@ -71,11 +74,39 @@ class ImageClassifier:
     def identity(self) -> str:
         """What this model is, whatever URI named it: a hash of its files (a new version, a new identity)."""
         digest = hashlib.sha256()
-        for name in (META, "backbone.safetensors", "head.safetensors"):
+        for name in FILES:
             with open(os.path.join(self.path, name), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     digest.update(chunk)
         return digest.hexdigest()
+
+    def files(self) -> dict[str, bytes]:
+        """The model's files, to be sent where this folder is not (another node of the cluster)."""
+        out = {}
+        for name in FILES:
+            with open(os.path.join(self.path, name), "rb") as f:
+                out[name] = f.read()
+        return out
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], *, identity: str, device: str = "cpu") -> ImageClassifier:
+        """The model rebuilt from `files()`, refused unless its bytes hash to `identity`."""
+        digest = hashlib.sha256()
+        for name in FILES:
+            digest.update(files[name])
+        if digest.hexdigest() != identity:
+            raise FtlError(f"the model's files arrived with sha256 {digest.hexdigest()[:12]}…, not {identity[:12]}… "
+                           f"as loaded; rerun, and if it persists check the object store of the node")
+        folder = tempfile.mkdtemp(prefix="ftl-model-")
+        try:
+            for name, data in files.items():
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(data)
+            model = cls(folder, device=device)
+            model.__dict__["identity"] = identity  # checked above; the folder goes now
+            return model
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, crop, crop, 3) uint8 → (N, classes) probabilities."""

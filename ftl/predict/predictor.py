@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import tracking
+from ftl.model.classifier import ImageClassifier
 from ftl.pipeline.runtime import ModelActor
 from ftl.pipeline.tuning import Runtime
 
@@ -22,8 +22,12 @@ def output_schema(k: int) -> pa.Schema:
 class Predictor(ModelActor):
     """Decoded batches → the top `k` classes and their probabilities; failed rows pass through empty."""
 
-    def __init__(self, *, model_uri: str, tracking_uri: str, k: int, runtime: Runtime, progress=None):
-        model = tracking.load_classifier(model_uri, tracking_uri=tracking_uri)
+    def __init__(self, *, files, identity: str, k: int, runtime: Runtime, progress=None):
+        import ray
+
+        # The driver's model, through Ray's object store: an actor on any node gets the very bytes the
+        # driver loaded, and never needs MLflow, its credentials, or the driver's disk.
+        model = ImageClassifier.from_files(ray.get(files), identity=identity)
         super().__init__(runtime, pre=model.preprocess, progress=progress)
         # The model's own parts, on the device this actor picked, run with the pipeline's numerics.
         self.tap, self.layer = self.place(model.tap), model.layer

@@ -71,8 +71,7 @@ def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = Stora
     identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model}
     with output.writing(out, identity=identity, key="model", storage_cfg=storage, what="prediction",
                         mismatch=mismatch) as held:
-        counts = predict_into(out, cfg, model, listed, tracking_uri=tracking_uri, storage_options=storage.options,
-                              fence=held.fence)
+        counts = predict_into(out, cfg, model, listed, storage_options=storage.options, fence=held.fence)
     return PredictResult(model=cfg.model, **counts, seconds=time.perf_counter() - started, output=out.uri)
 
 
@@ -82,8 +81,8 @@ def mismatch(existing: dict, identity: dict) -> FtlError:
                     f"{identity['model'][:12]}); set predict.output to a new location for this model's predictions")
 
 
-def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *, tracking_uri: str,
-                 storage_options: dict | None, fence) -> dict:
+def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *, storage_options: dict | None,
+                 fence) -> dict:
     """The work under the lease: diff, run the plan; returns the counts of the result."""
     images, duplicates = listed
     todo = incremental.diff(images, out, (PREDICTIONS, QUARANTINE)).todo
@@ -92,11 +91,13 @@ def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *
     if not todo.num_rows:
         return counts
     ensure_ray()
+    import ray
+
     k = min(cfg.top_k, len(model.classes))
     tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=model.preprocess.crop)
     sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=cfg.rows_per_file,
                      quarantine_from={"label": "true_label"}, fence=fence)
-    kwargs = {"model_uri": cfg.model, "tracking_uri": tracking_uri, "k": k, "runtime": tuned.runtime}
+    kwargs = {"files": ray.put(model.files()), "identity": model.identity, "k": k, "runtime": tuned.runtime}
     with Progress("predict", total=todo.num_rows) as progress:
         ds = plan.build(plan.blocks(todo, rows=tuned.reader_batch_size), actor=Predictor, actor_kwargs=kwargs,
                         pre=model.preprocess, tuned=tuned, storage_options=storage_options, progress=progress.handle)

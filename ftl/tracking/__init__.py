@@ -17,6 +17,7 @@ from ftl.tracking.runs import (
                                  EXPERIMENT_KIND,
                                  KIND_TAG,
                                  child,
+                                 connect,
                                  feature_dataset,
                                  flatten,
                                  log_dataset,
@@ -36,7 +37,7 @@ from ftl.tracking.runs import (
                                  uri_of,
 )
 
-__all__ = ["COMPOSED_REQUIREMENTS", "DEFAULT_URI", "EXPERIMENT_KIND", "KIND_TAG", "SHIPPED_CODE", "child",
+__all__ = ["COMPOSED_REQUIREMENTS", "DEFAULT_URI", "EXPERIMENT_KIND", "KIND_TAG", "SHIPPED_CODE", "child", "connect",
            "feature_dataset", "find_extraction", "find_finetune", "find_probes", "find_training", "flatten",
            "load_classifier", "log_composed", "log_dataset", "log_extraction", "log_file", "log_head", "log_history",
            "log_history_batch", "log_metrics", "log_params", "log_text", "model_code", "model_folder", "requirements",

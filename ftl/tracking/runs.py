@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ftl.config import TrackingConfig
 from ftl.errors import TrackingError
+from ftl.secrets import split_userinfo
 from ftl.tracking.lookup import find_extraction
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -21,15 +22,35 @@ EXPERIMENT_KIND = {KIND_TAG: "custom_model_development"}
 
 
 def uri_of(cfg: TrackingConfig) -> str:
-    """The workflow's tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file here."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The workflow's tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite file here; never with a password
+    in it (see connect)."""
+    return split_userinfo(cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)[0]
+
+
+def connect(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store; returns its URI, bare.
+
+    `https://user:password@host` becomes MLflow's own credentials (MLFLOW_TRACKING_USERNAME and
+    _PASSWORD, in this process only) and the bare URI: MLflow prints its tracking URI in "View run
+    at" lines, run links and errors, and a password inside it would land in logs.
+    """
+    import mlflow
+
+    bare, user, password = split_userinfo(cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user or ""
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    if os.environ.get("MLFLOW_TRACKING_URI") and split_userinfo(os.environ["MLFLOW_TRACKING_URI"])[2]:
+        os.environ["MLFLOW_TRACKING_URI"] = bare  # read again by MLflow's own threads and subprocesses
+    mlflow.set_tracking_uri(bare)
+    return bare
 
 
 def setup(cfg: TrackingConfig, workflow: str) -> str:
     """Point MLflow at the store and the workflow's experiment; returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri_of(cfg))
+    connect(cfg)
     if cfg.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
