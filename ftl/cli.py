@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ftl import config, logs
-from ftl.errors import FtlError
+from ftl.errors import FtlError, TrackingError
 from ftl.secrets import mask_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,10 +69,19 @@ def run(workflow: Workflow, set: Sets = None) -> None:
     wf = config.load_workflow(workflow, set or [])
     extracted = extract_stage.run(wf)
     typer.echo(extracted.summary())
-    extraction_run = tracking.log_extraction(wf.tracking, workflow=wf.name, result=extracted,
-                                             params=config.mask_secrets(wf.model_dump(mode="json")))
-    typer.echo(f"MLflow extraction run {extraction_run}: {tracking.run_link(extraction_run)}")
-    typer.echo(train_stage.run(wf, extraction_run=extraction_run).summary())
+    try:
+        extraction_run = tracking.log_extraction(wf.tracking, workflow=wf.name, result=extracted,
+                                                 params=config.mask_secrets(wf.model_dump(mode="json")))
+        typer.echo(f"MLflow extraction run {extraction_run}: {tracking.run_link(extraction_run)}")
+        typer.echo(train_stage.run(wf, extraction_run=extraction_run).summary())
+    except Exception as e:
+        if not tracking.unreachable(e):
+            raise
+        # The features are in place and stay: only what needs MLflow is left, and it says how to finish.
+        again = shlex.join(["ftl", "train", str(workflow), *(a for s in set or [] for a in ("--set", s))])
+        raise TrackingError(f"MLflow at {tracking.uri_of(wf.tracking)} failed after the features landed in "
+                            f"{extracted.features_uri}; once it is reachable, run `{again}`: it trains on them "
+                            f"and extracts nothing again.\nMLflow said: {str(e).splitlines()[0][:300]}") from e
 
 
 @app.command()

@@ -263,17 +263,17 @@ def test_mlflow_down_during_run_features_still_land_and_a_rerun_finishes(cluster
                             "the run finished"})
 
 
-@pytest.mark.xfail(strict=True, reason="needs ftl/cli.py or ftl/train/stage.py: a tracking failure during "
-                   "`ftl run` should end with an `error:` line naming the command to rerun (see the issue 12 report)")
 def test_mlflow_down_the_error_says_what_to_rerun(mlflow_outage):
     line = error_line(mlflow_outage["logs"])
     assert line.startswith("error:") and "ftl train workflows/outage.yaml" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="needs ftl/train/stage.py + ftl/tracking.py: a training run whose server "
-                   "went away stays RUNNING; the next run should end it as FAILED (see the issue 12 report)")
 def test_mlflow_down_leaves_no_run_running(mlflow_outage):
-    assert training_runs(mlflow_outage["client"], "RUNNING") == []
+    """The run cut off from MLflow stayed RUNNING; the rerun (in the test above) ended it, since its driver is gone."""
+    client = mlflow_outage["client"]
+    assert training_runs(client, "RUNNING") == []
+    ended = training_runs(client, "FAILED")
+    assert ended and all("stopped without ending it" in r.data.tags["ftl.ended_because"] for r in ended)
 
 
 def test_mlflow_down_registers_no_head_without_its_image_model(mlflow_outage):

@@ -203,9 +203,6 @@ def test_storage_credentials_appear_nowhere(cluster, run_job, mlflow_server):
     assert hits == [], hits
 
 
-@pytest.mark.xfail(strict=True, reason="needs ftl/tracking.py: tracking.setup and load_classifier should pass "
-                   "user:password from tracking.uri as MLFLOW_TRACKING_USERNAME/PASSWORD (ftl.secrets.split_userinfo) "
-                   "and give MLflow the bare URI: today run_link and MLflow's 'View run at' print it (issue 12 report)")
 def test_tracking_password_appears_nowhere(cluster, run_job, mlflow_server):
     info, logs, _ = run_job
     assert info["status"] == "SUCCEEDED", logs[-6000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ftl import tracking
@@ -45,12 +46,51 @@ def test_a_password_in_the_tracking_uri_becomes_mlflow_credentials(monkeypatch):
         cfg = TrackingConfig(uri="https://ftl:s3cr%3At@mlflow.example:5000/base")
         assert tracking.uri_of(cfg) == "https://mlflow.example:5000/base"
         assert tracking.connect(cfg) == "https://mlflow.example:5000/base" == mlflow.get_tracking_uri()
-        import os
 
         assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("ftl", "s3cr:t")
         # From the environment as well: MLflow's own threads read MLFLOW_TRACKING_URI again.
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p4ss@127.0.0.1:1")
         assert tracking.connect(TrackingConfig()) == "http://127.0.0.1:1" == os.environ["MLFLOW_TRACKING_URI"]
         assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p4ss"
+    finally:
+        mlflow.set_tracking_uri(saved)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)
+
+
+def test_a_run_whose_driver_died_is_ended_by_the_next_command(tmp_path, monkeypatch):
+    """A driver SIGKILLed inside its run (as one cut off from MLflow ends) leaves it RUNNING; the next setup ends
+    it as FAILED, and leaves alone a run whose driver still lives."""
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    saved = mlflow.get_tracking_uri()
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"  # by its full path: MLflow keeps one store per URI string
+    code = ("import os, signal, sys\nfrom ftl import tracking\nfrom ftl.config import TrackingConfig\n"
+            f"cfg = TrackingConfig(uri={db!r}, system_metrics=False)\ntracking.setup(cfg, 'owners')\n"
+            "with tracking.start(cfg, name=sys.argv[1], stage='train') as run_id:\n"
+            "    print(run_id, flush=True)\n    sys.stdin.readline()\n")
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", code, "dead"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        dead_run = dead.stdout.readline().strip()
+        alive = subprocess.Popen([sys.executable, "-c", code, "alive"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        alive_run = alive.stdout.readline().strip()
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        mlflow.set_tracking_uri(db)
+        assert mlflow.get_run(dead_run).info.status == "RUNNING"
+        tracking.setup(TrackingConfig(uri=db, system_metrics=False), "owners")
+        ended = mlflow.get_run(dead_run)
+        assert ended.info.status == "FAILED" and "stopped without ending it" in ended.data.tags["ftl.ended_because"]
+        assert mlflow.get_run(alive_run).info.status == "RUNNING"
+        alive.communicate("\n", timeout=60)
+        assert mlflow.get_run(alive_run).info.status == "FINISHED"
     finally:
         mlflow.set_tracking_uri(saved)

@@ -34,6 +34,7 @@ from ftl.tracking.runs import (
                                  setup,
                                  start,
                                  temp_dir,
+                                 unreachable,
                                  uri_of,
 )
 
@@ -41,4 +42,4 @@ __all__ = ["COMPOSED_REQUIREMENTS", "DEFAULT_URI", "EXPERIMENT_KIND", "KIND_TAG"
            "feature_dataset", "find_extraction", "find_finetune", "find_probes", "find_training", "flatten",
            "load_classifier", "log_composed", "log_dataset", "log_extraction", "log_file", "log_head", "log_history",
            "log_history_batch", "log_metrics", "log_params", "log_text", "model_code", "model_folder", "requirements",
-           "resume", "run_link", "set_tags", "setup", "start", "tag_version", "temp_dir", "uri_of"]
+           "resume", "run_link", "set_tags", "setup", "start", "tag_version", "temp_dir", "unreachable", "uri_of"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from ftl.config import TrackingConfig
 from ftl.errors import TrackingError
 from ftl.secrets import split_userinfo
+from ftl.tracking import owner
 from ftl.tracking.lookup import find_extraction
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -65,9 +66,23 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
             mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         elif existing.tags.get(KIND_TAG) != EXPERIMENT_KIND[KIND_TAG]:
             mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, KIND_TAG, EXPERIMENT_KIND[KIND_TAG])
-        return mlflow.set_experiment(name).experiment_id
+        experiment_id = mlflow.set_experiment(name).experiment_id
+        owner.end_abandoned(experiment_id)
+        return experiment_id
     except Exception as e:
         raise TrackingError(f"cannot use MLflow at {uri_of(cfg)}: {e}") from e
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether `e` came from MLflow or the way to it (its causes walked): the server down, a timeout, a refusal."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        module = type(e).__module__ or ""
+        if isinstance(e, (TrackingError, ConnectionError)) or module.startswith(("mlflow", "requests", "urllib3")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def run_link(run_id: str) -> str:
@@ -87,7 +102,7 @@ def start(cfg: TrackingConfig, *, name: str, stage: str, tags: dict | None = Non
     """A run with system metrics; yields its id."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, tags={"ftl.stage": stage, **(tags or {})},
+    with mlflow.start_run(run_name=name, tags={"ftl.stage": stage, **owner.tags(), **(tags or {})},
                           log_system_metrics=cfg.system_metrics) as run:
         yield run.info.run_id
 
@@ -97,7 +112,7 @@ def child(*, name: str, stage: str, tags: dict | None = None) -> Iterator[str]:
     """A run nested under the active one (no system metrics: one sampler thread per trial costs more than it tells)."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **(tags or {})},
+    with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **owner.tags(), **(tags or {})},
                           log_system_metrics=False) as run:
         yield run.info.run_id
 
@@ -108,6 +123,7 @@ def resume(cfg: TrackingConfig, run_id: str) -> Iterator[str]:
     import mlflow
 
     with mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics) as run:
+        mlflow.set_tags(owner.tags())  # this process runs it now
         yield run.info.run_id
 
 

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from ftl.config import TrainConfig
+from ftl.errors import TrainError
 from ftl.io import storage
 from ftl.model import heads
 from ftl.train import core, memory, shards
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
+MAX_FAILURES = 2  # worker-group restarts before a fit fails (see the FailureConfig below)
 
 
 @dataclass
@@ -226,14 +228,19 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
             # A worker lost mid-fit (its node gone, killed for memory) restarts the worker group,
             # which fits again from the start: a head fits in seconds and, seeded, comes out the
             # same. Only the kept head is checkpointed, at the end. A third loss fails the fit.
-            failure_config=ray.train.FailureConfig(max_failures=2),
+            failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
         ),
         datasets={"train": shards.to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2),
                                       seed=cfg.seed if stream else None),
                   "val": shards.to_dataset(x["val"], y["val"], blocks=1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train's error wraps the worker's traceback, which it has already logged
+        raise TrainError(f"fitting the head failed after {MAX_FAILURES} restarts of its workers: "
+                         f"{str(e).splitlines()[0][:300]}\nThe features are unchanged: rerun the same command "
+                         f"to fit again.") from e
     out = result.return_value
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "head.pt"), map_location="cpu", weights_only=True)

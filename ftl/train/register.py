@@ -79,19 +79,25 @@ def log_split(o: evaluate.Outcome, *, data: FeatureData, split: str) -> None:
 
 
 def log_models(head, *, backbone, data: FeatureData, registered: str, tags: dict) -> Models:
-    """The head (pt2) and the composed image model (pyfunc), both registered and tagged."""
+    """The composed image model (pyfunc), then the head (pt2), both registered and tagged.
+
+    The image model goes first: if MLflow fails between the two, what is left is an image model that
+    serves on its own, never a head whose image model is missing.
+    """
     from ftl.model import classifier, heads
 
+    image_model, notes = None, []
+    if backbone is None:
+        notes = ["image model not logged: the features come from random-init weights, which cannot be rebuilt"]
+    else:
+        with tracking.temp_dir() as tmp:
+            folder = classifier.save(os.path.join(tmp, "model"), head=head, backbone=backbone,
+                                     provenance=data.provenance, layer=data.layer, classes=data.classes)
+            info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(data.classes))
+        tracking.tag_version(registered, info.registered_model_version, tags)
+        image_model = f"models:/{registered}/{info.registered_model_version}"
     head_info = tracking.log_head(heads.Probabilities(head).eval(), data.x["train"][:4], name="head",
                                   registered=f"{registered}-head")
     tracking.tag_version(f"{registered}-head", head_info.registered_model_version, tags)
-    head_model = f"models:/{registered}-head/{head_info.registered_model_version}"
-    if backbone is None:
-        return Models(head=head_model, image=None, notes=[
-            "image model not logged: the features come from random-init weights, which cannot be rebuilt"])
-    with tracking.temp_dir() as tmp:
-        folder = classifier.save(os.path.join(tmp, "model"), head=head, backbone=backbone, provenance=data.provenance,
-                                 layer=data.layer, classes=data.classes)
-        info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(data.classes))
-    tracking.tag_version(registered, info.registered_model_version, tags)
-    return Models(head=head_model, image=f"models:/{registered}/{info.registered_model_version}")
+    return Models(head=f"models:/{registered}-head/{head_info.registered_model_version}", image=image_model,
+                  notes=notes)
