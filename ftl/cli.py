@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
+    logs.own_process(sys.argv[1:])  # only a real `ftl` process: never one that calls main() in-process
     sys.exit(main())
 
 

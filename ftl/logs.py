@@ -8,12 +8,31 @@ hides INFO only.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import subprocess
+import sys
 import warnings
 
 VERBOSE_ENV = "FTL_VERBOSE"
 CHATTY = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "filelock")
+# Lines Ray's C++ core writes straight to the process's stderr that say nothing a user can act on.
+# Ray Data hands every actor of a pool its constructor arguments through the object store and
+# restarts actors on failure: Ray warns of that combination (ray-project/ray#53727) at ERROR
+# level, once per actor pool, on every run. Matched whole, so that no other error is ever dropped.
+NATIVE_NOISE = (r"^\[[^\]]+\] core_worker\.cc:\d+: Actor with class name: '[^']+' and ID: '[0-9a-f]+' has "
+                r"constructor arguments in the object store and max_restarts > 0\. If the arguments in the object "
+                r"store go out of scope or are lost, the actor restart will fail\. See "
+                r"https://github\.com/ray-project/ray/issues/53727 for more details\.\s*$")
+# Runs in its own process, so that it outlives a crash of ours and still passes on every last line.
+FILTER = """
+import os, re, sys
+drop = re.compile(sys.argv[1].encode())
+for line in sys.stdin.buffer:
+    if not drop.match(line):
+        os.write(1, line)
+"""
 
 
 def verbose() -> bool:
@@ -27,6 +46,8 @@ def configure(*, be_verbose: bool) -> None:
         return
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow sets its own loggers' level when it is imported, from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Deprecations inside Ray and MLflow are theirs to fix, not the user's; ours are fixed where they arise.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(ray|mlflow|pydantic)(\.|$)")
     warnings.filterwarnings("ignore", message=r".*An input example was not provided.*")
@@ -37,21 +58,63 @@ def ray_logging_level() -> str:
 
 
 class _Drop(logging.Filter):
-    """Drops the records that say only what ftl itself chose (its progress line replaces Ray Data's bars)."""
+    """Drops the records that say only what ftl itself chose (its progress line replaces Ray's bars)."""
+
+    CHOSEN = ("Progress bars disabled", "tqdm is not installed. Progress bars will be disabled")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Progress bars disabled" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.CHOSEN)
 
 
 def quiet_ray_data() -> None:
-    """Ray Data configures its own console handler (INFO) when it is imported: raise it to WARNING.
+    """Ray and Ray Data configure their own console handlers (INFO) when imported: raise them to WARNING.
 
-    Its file log under the Ray session keeps everything, for whoever looks.
+    Their file logs under the Ray session keep everything, for whoever looks.
     """
     if verbose():
         return
-    for handler in logging.getLogger("ray.data").handlers:
+    for handler in logging.getLogger("ray.data").handlers + logging.getLogger("ray").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
             if not any(isinstance(f, _Drop) for f in handler.filters):
                 handler.addFilter(_Drop())
+
+
+def own_process(argv: list[str]) -> None:
+    """Settings for a process that started as `ftl`, made before Ray is imported."""
+    if not os.environ.get("RAY_ADDRESS"):
+        # Ray turns token auth on for the local cluster it starts anyway, and warns that it did unless
+        # the mode is set. Set, it warns no more; it is read once, when ray is imported.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    filter_native_stderr(argv)
+
+
+def filter_native_stderr(argv: list[str]) -> None:
+    """In the `ftl` process, pass what native code writes to stderr through FILTER, which drops NATIVE_NOISE only.
+
+    Python's own writes (ftl's lines, progress, tracebacks) go to the real stderr directly, so a
+    terminal stays a terminal. Not under -v, and never in a process that did not start as `ftl`.
+    """
+    if verbose() or {"-v", "--verbose"} & set(argv):
+        return
+    try:
+        real = os.dup(2)
+        sys.stderr.flush()
+        pump = subprocess.Popen([sys.executable, "-c", FILTER, NATIVE_NOISE], stdin=subprocess.PIPE, stdout=real,
+                                stderr=real, close_fds=True)
+        os.dup2(pump.stdin.fileno(), 2)
+        pump.stdin.close()  # fd 2 is now its only writer here: its end of file is our exit (or Ray's children's)
+    except OSError:  # no filter, then: every line shows, none is lost
+        return
+    sys.stderr = open(os.dup(real), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",  # noqa: SIM115
+                      errors="backslashreplace")
+
+    def drain() -> None:
+        # Last at exit (registered before Ray's own handlers): after Ray's shutdown, give the filter its end of file.
+        os.dup2(real, 2)
+        try:
+            pump.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a child still holds the pipe; it passes the rest on when it ends
+            pass
+
+    atexit.register(drain)

@@ -16,8 +16,8 @@ BLOCK_RANGE = re.compile(r"^[A-Za-z0-9_.]*(:[A-Za-z0-9_.]*)?$")
 class FinetuneConfig(Strict):
     """`finetune:` LP-FT from the best linear probe of the features, on Ray Train; unset keys have working defaults."""
 
-    probe: str | None = Field(default=None, description="models:/<name>/<version> of the probe's image model to start "
-                              "from; default: the best linear probe on val for these features, fitted first if none")
+    probe: str | None = Field(default=None, description="models:/<name>/<version> (or @champion) of the probe's "
+                              "image model to start from; default: the best linear probe on val for these features, fitted first if none")
     blocks: str | list[str] | None = Field(
         default=None, description="blocks that train: 'features.14:' (inclusive range), a list, or 'auto' (tries "
         "auto_candidates ranges, keeps the best on val); default: the blocks after the layer the sweep chose, "

@@ -82,7 +82,8 @@ class ExtractConfig(PipelineConfig, FeatureSetConfig):
 class PredictJob(Strict):
     """Which model `predict` applies to which images, and where the predictions go."""
 
-    model: str = Field(description="models:/<name>/<version or latest>, runs:/<run id>/<path>, or a model folder")
+    model: str = Field(description="models:/<name>/<version or latest>, models:/<name>@champion, runs:/<run id>/<path>, "
+                                   "or a model folder")
     input: str = Field(description="images: a folder (local or s3://...) or a manifest .csv/.parquet")
     output: str = Field(description="predictions/ and quarantine/ Parquet; a rerun skips the images done")
     top_k: int = Field(default=5, ge=1, description="classes kept per image")

@@ -26,6 +26,7 @@ from ftl.finetune import blocks as blockmod
 from ftl.finetune import data, network
 from ftl.io import schema
 from ftl.train import core
+from ftl.train import progress as live
 from ftl.train.fit import all_reduce
 
 STATE = "state.pt"
@@ -153,7 +154,8 @@ def restore() -> Progress:
     return p
 
 
-def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], rows: int, initial: dict) -> dict:
+def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], rows: int, initial: dict,
+              on_epoch=None) -> dict:
     """Train one range of blocks from the probe (or from its checkpoint) until early stopping; its summary."""
     s.chunked.load_state_dict(initial)
     s.net.set_trainable(trained)
@@ -179,6 +181,8 @@ def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], 
         stopped = stop.observe(s.chunked, s.xv, s.yv, epoch=epoch, train_loss=row.pop("train_loss"),
                                lr=sched.get_last_lr()[0])
         stop.history[-1].update(row)
+        if on_epoch:
+            on_epoch(stop.history[-1])
         p.current = {"epoch": epoch, "stopped": stopped, "net": s.chunked.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "stop": vars(stop)}
         save(p, rank=s.rank, metrics={"candidate": p.candidate, **stop.history[-1]})
@@ -229,9 +233,14 @@ def train_loop(config: dict) -> dict | None:
     p = restore()
     s.xv, yv, _ = read_split(s, "val")
     s.yv = yv.to(s.device)
-    for index in range(p.candidate, len(config["candidates"])):
-        summary = candidate(s, p, trained=config["candidates"][index], order=config["order"], rows=config["rows"],
-                            initial=initial)
+    candidates = config["candidates"]
+    for index in range(p.candidate, len(candidates)):
+        # Epochs count from 1 here: epoch 0 is the probe itself. Rank 0 speaks for all (same val, same decision).
+        on_epoch = live.reporter(config["progress"] if s.rank == 0 else None, first_epoch=1, epochs=cfg.epochs,
+                                 fit=index + 1, fits=len(candidates), what="candidate",
+                                 note=f"blocks {blockmod.describe(candidates[index], config['order'])}")
+        summary = candidate(s, p, trained=candidates[index], order=config["order"], rows=config["rows"],
+                            initial=initial, on_epoch=on_epoch)
         state = summary.pop("state")
         if p.best is None or rank(summary) > rank(p.done[p.best["index"]]):
             p.best = {"index": index, "state": state}

@@ -16,6 +16,7 @@ from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import FeatureError, TrainError
 from ftl.io import storage
+from ftl.tracking import champion
 from ftl.train import evaluate, features
 
 
@@ -55,8 +56,8 @@ def choose(wf: Workflow, uri: str) -> tuple[str, str | None, bool]:
     """The probe's model URI, the sweep's layer, and whether the probe was fitted now."""
     found = tracking.find_probes(feature_set(uri, wf.storage.options))
     sweep_layer = next((p["layer"] for p in found if p["stage"] == "sweep"), None)
-    if wf.finetune.probe:
-        return wf.finetune.probe, sweep_layer, False
+    if wf.finetune.probe:  # models:/name@champion as the version it is now: the run's key and tags stay true
+        return champion.resolve(wf.finetune.probe), sweep_layer, False
     linear = [p for p in found if p["head"] == "linear"]
     if linear:
         return linear[0]["model"], sweep_layer, False

@@ -24,6 +24,7 @@ from ftl.config import Workflow
 from ftl.errors import WorkflowError
 from ftl.finetune import blocks, data, probes, trainer
 from ftl.io import storage
+from ftl.tracking import champion
 from ftl.train import features, register
 from ftl.train import stage as train_stage
 
@@ -114,12 +115,12 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
         log_history(tuned, probe_metrics=probe_metrics, order=plan.order)
         metrics = register.log_evaluation(torch.nn.Identity(), data=evaluated(tuned, probe, plan))
         tuned_blocks = blocks.describe(tuned.candidates[tuned.chosen]["blocks"], plan.order)
-        model = register_model(tuned, probe, registered=registered, tags={
+        model, promoted = register_model(tuned, probe, registered=registered, tags={
             **lineage, "ftl.finetune_run": run_id, "ftl.tuned_blocks": tuned_blocks, "ftl.probe_model": probe.model,
             "ftl.freeze_bn": wf.finetune.freeze_bn, "ftl.augment": wf.finetune.augment})
         tracking.set_tags({"ftl.model": model, "ftl.image_model": model, "ftl.tuned_blocks": tuned_blocks,
                            "ftl.checkpoint": tuned.checkpoint})
-    notes = [f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else []
+    notes = [promoted] + ([f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else [])
     notes += ["no probe of these features was registered: `ftl train` fitted one first"] if probe.fitted_now else []
     notes += [f"unreadable images skipped: {tuned.unreadable}"] if tuned.unreadable else []
     return FinetuneResult(
@@ -200,8 +201,8 @@ def evaluated(tuned: trainer.Tuned, probe: probes.Probe, plan: blocks.Plan) -> f
                                 split_source=probe.data.split_source)
 
 
-def register_model(tuned: trainer.Tuned, probe: probes.Probe, *, registered: str, tags: dict) -> str:
-    """The fine-tuned backbone and head as a new version of the image model; what was tuned in its tags and meta."""
+def register_model(tuned: trainer.Tuned, probe: probes.Probe, *, registered: str, tags: dict) -> tuple[str, str]:
+    """The fine-tuned backbone and head as a new version of the image model (and maybe its champion: the note)."""
     from ftl.model import backbones, classifier, heads
 
     net = backbones.build(probe.meta["provenance"]["backbone"])
@@ -213,7 +214,9 @@ def register_model(tuned: trainer.Tuned, probe: probes.Probe, *, registered: str
                                  layer=probe.meta["layer"], classes=probe.meta["classes"])
         info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(probe.data.classes))
     tracking.tag_version(registered, info.registered_model_version, tags)
-    return f"models:/{registered}/{info.registered_model_version}"
+    score = champion.active_metric("val/accuracy")  # what log_evaluation just logged for the tuned model
+    note = champion.promote(registered, info.registered_model_version, val_accuracy=score)
+    return f"models:/{registered}/{info.registered_model_version}", note
 
 
 def finetune_key(wf: Workflow, probe: probes.Probe, plan: blocks.Plan) -> str:

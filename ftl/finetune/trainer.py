@@ -18,6 +18,7 @@ from ftl.errors import TrainError
 from ftl.finetune import data, loop
 from ftl.finetune.blocks import Plan
 from ftl.io import storage
+from ftl.train import progress as live
 from ftl.train.fit import ray_has_gpu
 
 
@@ -70,15 +71,18 @@ def fit(cfg: FinetuneConfig, *, spec: dict, weights: dict, plan: Plan, datasets:
     gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
     loc, run = run_config(cfg, name=name, storage_path=storage_path, storage_options=storage_options)
     # The weights travel once through the object store, not inside every worker's pickled config.
+    shown = live.training("finetune")  # epochs as they end, from rank 0 (ftl.train.progress)
     config = {"finetune": cfg.model_dump(mode="json"), "spec": spec, "states": ray.put(weights),
-              "candidates": plan.candidates, "order": plan.order, "column": column, "classes": classes, "rows": rows}
+              "candidates": plan.candidates, "order": plan.order, "column": column, "classes": classes, "rows": rows,
+              "progress": shown.handle}
     ingest = ray.train.DataConfig(datasets_to_split=["train"],
                                   execution_options=data.ordered(ray.train.DataConfig.default_ingest_options()))
     trainer = TorchTrainer(loop.train_loop, train_loop_config=config, run_config=run, datasets=datasets,
                            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"), dataset_config=ingest,
                            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu))
     try:
-        result = trainer.fit()
+        with shown:
+            result = trainer.fit()
     except Exception as e:  # Ray Train's own error wraps the worker's traceback, which it has logged
         raise TrainError(f"fine-tuning failed: {e}\nIts checkpoints are under {loc.join(name).uri}: rerun the same "
                          f"command to resume from the last one.") from e

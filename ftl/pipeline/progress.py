@@ -1,9 +1,10 @@
-"""Live progress of a pipeline run: images done of those to do, images/s, ETA, failures so far.
+"""Live progress of a run: images done of those to do, images/s, ETA, failures so far (or, for
+training, epochs: ftl.train.progress).
 
-The model actors add each batch's counts to a small Ray actor (`Counter`, fire and forget); the
-driver polls it. In a terminal, one line updates in place (rich); anywhere else (Ray job logs,
-cron), a plain line is printed at most every `LOG_EVERY` seconds, so that a long nightly run
-shows it is alive without burying its log.
+The workers add their counts to a small Ray actor (`Counter`, fire and forget); the driver polls
+it. In a terminal, one line updates in place (rich); anywhere else (Ray job logs, cron), a plain
+line is printed at most every `LOG_EVERY` seconds, and once more at the end, so that a long
+nightly run shows it is alive without burying its log.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def line(stage: str, counts: dict, total: int | None, seconds: float) -> str:
     rate = worked / seconds if seconds > 0 else 0.0
     of = f"/{total:,}" if total else ""
     share = f" ({100 * worked / total:.0f}%)" if total else ""
-    eta = f", ETA {fmt_seconds((total - worked) / rate)}" if total and rate > 0 else ""
+    eta = f", ETA {fmt_seconds((total - worked) / rate)}" if total and rate > 0 and worked < total else ""
     done = f", {counts['done']:,} already done" if counts["done"] else ""
     return f"{stage}: {worked:,}{of} images{share}, {rate:.1f} images/s{eta}, {counts['failed']:,} failed{done}"
 
@@ -52,13 +53,17 @@ def fmt_seconds(s: float) -> str:
 class Progress:
     """Shows a run's progress while the block runs; `handle` goes to the actors."""
 
-    def __init__(self, stage: str, *, total: int | None, stream=None, interactive: bool | None = None):
-        import ray
-
-        self.stage, self.total = stage, total
+    def __init__(self, stage: str, *, total: int | None, stream=None, interactive: bool | None = None,
+                 counter: type = Counter, render=line, remote: bool = True):
+        self.stage, self.total, self.render, self.remote = stage, total, render, remote
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
-        self.handle = ray.remote(num_cpus=0)(Counter).remote()
+        if remote:  # workers in other processes (Ray Data actors, Ray Train workers) report to it
+            import ray
+
+            self.handle = ray.remote(num_cpus=0)(counter).remote()
+        else:  # the work runs in this process: a plain object will do
+            self.handle = counter()
         self.stop = threading.Event()
         self.started = time.perf_counter()
 
@@ -67,11 +72,18 @@ class Progress:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+        if kind is None and not self.interactive:  # a log ends on where the run got to
+            try:
+                self._print(self.counts())
+            except Exception:  # progress is a courtesy: a lost poll loses only that line
+                pass
 
     def counts(self) -> dict:
+        if not self.remote:
+            return self.handle.snapshot()
         import ray
 
         return ray.get(self.handle.snapshot.remote(), timeout=10)
@@ -84,22 +96,27 @@ class Progress:
 
     def _plain(self) -> None:
         while not self.stop.wait(LOG_EVERY):
-            self._print(self.counts())
+            try:
+                self._print(self.counts())
+            except Exception:  # a lost poll only skips a line
+                continue
 
     def _print(self, counts: dict) -> None:
-        print(line(self.stage, counts, self.total, time.perf_counter() - self.started), file=self.stream, flush=True)
+        print(self.text(counts), file=self.stream, flush=True)
+
+    def text(self, counts: dict) -> str:
+        return self.render(self.stage, counts, self.total, time.perf_counter() - self.started)
 
     def _live(self) -> None:
         from rich.console import Console
         from rich.live import Live
-
         from rich.text import Text
 
         console = Console(file=self.stream, highlight=False)
         with Live("", console=console, refresh_per_second=4, transient=True) as live:
             while not self.stop.wait(POLL):
                 try:
-                    live.update(Text(line(self.stage, self.counts(), self.total, time.perf_counter() - self.started)))
+                    live.update(Text(self.text(self.counts())))
                 except Exception:  # a lost poll only skips a frame
                     continue
 
@@ -111,3 +128,14 @@ def report(handle, *, ok: int, failed: int, done: int) -> None:
             handle.add.remote(ok, failed, done)
         except Exception:  # progress is a courtesy: the run goes on without it
             pass
+
+
+def tell(handle, **state) -> None:
+    """From a worker or the driver: where a run is now (`counter.update`); never waits, never fails the run."""
+    if handle is None:
+        return
+    try:
+        update = handle.update
+        (update.remote if hasattr(update, "remote") else update)(**state)
+    except Exception:  # progress is a courtesy: the run goes on without it
+        pass

@@ -22,6 +22,7 @@ from ftl.errors import TrainError
 from ftl.io import storage
 from ftl.model import heads
 from ftl.train import core, memory, shards
+from ftl.train import progress as live
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
 MAX_FAILURES = 2  # worker-group restarts before a fit fails (see the FailureConfig below)
@@ -81,16 +82,21 @@ def train_worker(config: dict, *, device: torch.device) -> dict:
     weight = torch.as_tensor(config["class_weights"], device=device) if config["class_weights"] else None
     grid = cfg.weight_decay if isinstance(cfg.weight_decay, list) else [cfg.weight_decay]
     results = []
-    for wd in grid:
+    for i, wd in enumerate(grid):
+        # Rank 0 speaks for all: every worker takes the same early-stopping decision on the same val.
+        on_epoch = live.reporter(config["progress"] if rank == 0 else None, epochs=cfg.epochs, fit=i + 1,
+                                 fits=len(grid), what="weight decay", note=f"weight decay {wd:g}")
         torch.manual_seed(cfg.seed)
         head = heads.build(config["head"], config["initial"]).to(device)
         if cfg.optimizer == "lbfgs":
-            history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=config["lbfgs_iters"])
+            history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=config["lbfgs_iters"],
+                                            on_epoch=on_epoch)
         else:
             g = torch.Generator().manual_seed(cfg.seed + rank)
             batches = (shards.streamed(device, batch_size=per_worker, seed=cfg.seed + rank) if config["stream"]
                        else shards.in_memory(x, y, batch_size=per_worker, generator=g))
-            history, best_state = fit_adamw(cfg, head, batches, xv, yv, rows=rows, weight=weight, wd=wd)
+            history, best_state = fit_adamw(cfg, head, batches, xv, yv, rows=rows, weight=weight, wd=wd,
+                                            on_epoch=on_epoch)
         best = min(history, key=lambda h: h["val_loss"])
         results.append({"weight_decay": wd, "history": history, "best": best, "state": best_state})
     # The sweep keeps the best val accuracy; early stopping within a fit follows val loss.
@@ -107,7 +113,7 @@ def train_worker(config: dict, *, device: torch.device) -> dict:
     }
 
 
-def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int, weight, wd: float):
+def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int, weight, wd: float, on_epoch=None):
     """Minibatch AdamW over `batches(epoch)`, cosine schedule, early stopping on val loss; DDP across workers."""
     import ray.train.torch
 
@@ -130,12 +136,15 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int,
         stopped = stop.observe(head, xv, yv, epoch=epoch, train_loss=(total[0] / total[1]).item(),
                                lr=sched.get_last_lr()[0])
         stop.history[-1]["epoch_seconds"] = time.perf_counter() - started
+        if on_epoch:
+            on_epoch(stop.history[-1])
         if stopped:
             break
     return stop.history, stop.best(head)
 
 
-def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, iters: int = LBFGS_ITERS):
+def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, iters: int = LBFGS_ITERS,
+              on_epoch=None):
     """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol)."""
     # Loss and gradients are summed over all workers by hand (not DDP), so every worker
     # takes the same line-search steps and the parameters stay identical.
@@ -175,6 +184,8 @@ def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: f
         stopped = stop.observe(head, xv, yv, epoch=epoch, train_loss=train_loss, lr=1.0)
         stop.history[-1].update(epoch_seconds=time.perf_counter() - started, passes=passes[0])
         passes[0] = 0
+        if on_epoch:
+            on_epoch(stop.history[-1])
         head.train()
         if stopped:
             break
@@ -215,11 +226,12 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     use_gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
     # Ray Train wants a pyarrow filesystem and, for S3, the bucket/key form of the path.
     loc = storage.locate(storage_path, storage_options)
+    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.train.progress)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(mode="json"), "head": head_config, "initial": initial,
                            "class_weights": None if weights is None else weights.tolist(), "stream": stream,
-                           "rows": rows, "lbfgs_iters": lbfgs_iters},
+                           "rows": rows, "lbfgs_iters": lbfgs_iters, "progress": shown.handle},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
@@ -236,7 +248,8 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
-        result = trainer.fit()
+        with shown:
+            result = trainer.fit()
     except Exception as e:  # Ray Train's error wraps the worker's traceback, which it has already logged
         raise TrainError(f"fitting the head failed after {MAX_FAILURES} restarts of its workers: "
                          f"{str(e).splitlines()[0][:300]}\nThe features are unchanged: rerun the same command "

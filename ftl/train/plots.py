@@ -4,7 +4,8 @@ A picture of the whole confusion matrix is drawn only for a few classes: at 1,00
 readable one would be a 50,000-pixel canvas (about 10 GB), which is what used to kill runs
 after training. Past that, the matrix is logged as data (`evaluate.confusion_cells`) and the
 pictures show what a reader can take in: the most-confused pairs and the sorted per-class
-accuracy. Every figure is at most MAX_INCHES × DPI pixels on a side.
+accuracy. Every figure is at most MAX_INCHES × DPI pixels on a side. The sweep's layer curve is
+here too.
 """
 
 from __future__ import annotations
@@ -108,4 +109,23 @@ def per_class_png(o: evaluate.Outcome, names: list[str], path: str, *, title: st
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
     mean = recall.mean() if len(recall) else 0.0
     ax.set_title(f"{title}: per-class accuracy of {len(order)} classes, sorted (mean {mean:.3f})")
+    return save(fig, path)
+
+
+def layer_curve_png(curves: dict[tuple[str, str], dict[str, float]], path: str) -> str:
+    """Best val accuracy per layer, one panel per (backbone, weights), the layers by name in depth order."""
+    # A panel each: backbones have different layers, so no one x-axis of names fits them all.
+    n = len(curves)
+    fig, axes = pyplot().subplots(1, n, figsize=(min(MAX_INCHES, 1 + 5 * n), 4.5), sharey=True, squeeze=False)
+    for ax, ((backbone, weights), layers) in zip(axes[0], curves.items()):
+        names, accs = list(layers), list(layers.values())
+        ax.plot(range(len(names)), accs, marker="o")
+        for x, acc in enumerate(accs):
+            ax.annotate(f"{acc:.3f}", (x, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4
+                      else "center", fontsize=8)
+        ax.set_xlabel(f"{backbone} ({weights}) layer, early → late")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best val accuracy over the grid")
+    fig.suptitle("which layer? validation accuracy per layer")
     return save(fig, path)

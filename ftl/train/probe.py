@@ -54,8 +54,11 @@ def pick_device(device: str = "auto") -> torch.device:
 def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray], yv: np.ndarray, *,
               classes: int, lrs: list[float], weight_decays: list[float], hidden: list[int] = (),
               dropout: float = 0.0, epochs: int, batch_size: int, patience: int, label_smoothing: float = 0.0,
-              seed: int = 0, device: str = "auto") -> list[Trial]:
-    """Train a head per layer (x: layer → train rows) × lr × weight decay; each keeps its best val-loss epoch."""
+              seed: int = 0, device: str = "auto", on_epoch=None) -> list[Trial]:
+    """Train a head per layer (x: layer → train rows) × lr × weight decay; each keeps its best val-loss epoch.
+
+    `on_epoch(epoch, training, best)` hears after each epoch: heads still training, best val accuracy so far.
+    """
     dev = pick_device(device)
     z, zv, runs = {}, {}, []
     for layer, rows in x.items():
@@ -69,7 +72,7 @@ def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray]
                 runs.append(Running(layer=layer, lr=lr, weight_decay=wd, head=head.to(dev),
                                     stop=core.EarlyStopping(patience)))
     train_all(runs, z=z, y=torch.from_numpy(y).to(dev), zv=zv, yv=torch.from_numpy(yv).to(dev), epochs=epochs,
-              batch_size=batch_size, label_smoothing=label_smoothing, seed=seed)
+              batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, on_epoch=on_epoch)
     trials = []
     for r in runs:
         # The heads trained on standardised rows (their `net`); the kept state is the net's.
@@ -80,7 +83,8 @@ def fit_heads(x: dict[str, np.ndarray], y: np.ndarray, xv: dict[str, np.ndarray]
 
 
 def train_all(runs: list[Running], *, z: dict[str, torch.Tensor], y: torch.Tensor, zv: dict[str, torch.Tensor],
-              yv: torch.Tensor, epochs: int, batch_size: int, label_smoothing: float, seed: int) -> None:
+              yv: torch.Tensor, epochs: int, batch_size: int, label_smoothing: float, seed: int,
+              on_epoch=None) -> None:
     """One AdamW over all heads on one minibatch stream, until every head has stopped or epochs run out."""
     opt = torch.optim.AdamW([group for r in runs
                              for group in core.param_groups(r.head, lr=r.lr, weight_decay=r.weight_decay)])
@@ -105,5 +109,7 @@ def train_all(runs: list[Running], *, z: dict[str, torch.Tensor], y: torch.Tenso
             if not r.stop.observe(r.head.net, zv[r.layer], yv, epoch=epoch, train_loss=total, lr=r.lr * factor):
                 still.append(r)
         active = still
+        if on_epoch:
+            on_epoch(epoch + 1, len(active), max(max(h["val_accuracy"] for h in r.stop.history) for r in runs))
         if not active:
             break

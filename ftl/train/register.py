@@ -2,7 +2,8 @@
 
 Both stages end the same way: the kept head is evaluated on val and test once, then logged and
 registered twice (the head alone, and composed with the backbone that made its features as an
-image → class model), each version tagged with where it came from.
+image → class model), each version tagged with where it came from, the pair given the alias
+`champion` when it earns it (ftl.tracking.champion).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError, WeightsError
 from ftl.model import weights
+from ftl.tracking import champion
 from ftl.train import evaluate, plots
 from ftl.train.features import FeatureData
 
@@ -99,5 +101,12 @@ def log_models(head, *, backbone, data: FeatureData, registered: str, tags: dict
     head_info = tracking.log_head(heads.Probabilities(head).eval(), data.x["train"][:4], name="head",
                                   registered=f"{registered}-head")
     tracking.tag_version(f"{registered}-head", head_info.registered_model_version, tags)
+    head_version = (f"{registered}-head", head_info.registered_model_version)
+    score = champion.active_metric("val/accuracy")  # what log_evaluation logged for this head
+    if image_model:  # one pair: the head's alias follows its image model's
+        notes.append(champion.promote(registered, info.registered_model_version, val_accuracy=score,
+                                      follower=head_version))
+    else:
+        notes.append(champion.promote(*head_version, val_accuracy=score))
     return Models(head=f"models:/{registered}-head/{head_info.registered_model_version}", image=image_model,
                   notes=notes)

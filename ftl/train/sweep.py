@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,7 +25,8 @@ from ftl.errors import TrainError
 from ftl.extract import stage as extract
 from ftl.io import storage
 from ftl.model import backbones, heads
-from ftl.train import checks, evaluate, features, probe, register
+from ftl.train import checks, evaluate, features, plots, probe, register
+from ftl.train import progress as live
 
 KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
 
@@ -79,7 +81,9 @@ def output_of(wf: Workflow, entry: SweepBackbone) -> str:
 
 def plan(wf: Workflow) -> list[Workflow]:
     """One extraction workflow per swept backbone; layers, weights and dims checked before any work."""
-    entries = wf.sweep.backbones or [SweepBackbone(backbone=wf.extract.backbone, weights=wf.extract.weights)]
+    # Without sweep.backbones, the extract section is the one backbone, with its own layers when it lists any.
+    entries = wf.sweep.backbones or [SweepBackbone(backbone=wf.extract.backbone, weights=wf.extract.weights,
+                                                   layers=wf.extract.layers)]
     where = "sweep.backbones" if wf.sweep.backbones else "extract"
     subs, seen = [], {}
     for i, entry in enumerate(entries):
@@ -87,6 +91,9 @@ def plan(wf: Workflow) -> list[Workflow]:
         backbones.check_name(entry.backbone)
         layers = backbones.check_layers(entry.backbone, entry.layers or backbones.stage_layers(entry.backbone),
                                         path=f"{path}.layers")
+        say(f"sweep: {entry.backbone} ({entry.weights}): tapping {', '.join(layers)} "
+            + (f"(from {path}.layers)" if entry.layers else
+               f"(its evenly spaced stages: {path}.layers lists none)"))
         key = (entry.backbone, entry.weights)
         if key in seen:
             raise config.WorkflowError(f"{path}: {entry.backbone} with weights {entry.weights} is already "
@@ -98,6 +105,11 @@ def plan(wf: Workflow) -> list[Workflow]:
         extract.plan(sub)  # resolves the weights and the dims of every layer, on the driver
         subs.append(sub)
     return subs
+
+
+def say(text: str) -> None:
+    """A line for the user before the work starts, beside the progress lines (stderr); the summary is stdout."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def load_layers(sub: Workflow) -> dict[str, features.FeatureData]:
@@ -133,10 +145,15 @@ def run(wf: Workflow) -> SweepResult:
     with tracking.start(wf.tracking, name="sweep", stage="sweep") as run_id:
         tracking.log_params(params)
         tracking.log_text(config.to_yaml(wf), "workflow.yaml")
+        for _, result, _ in extracted:  # the parent run's lineage: the feature sets it chose among
+            prov = result.provenance
+            tracking.log_dataset(result.features_uri, name=f"features-{prov['feature_set']}",
+                                 digest=prov["feature_set"], context="training",
+                                 tags={"backbone": prov["backbone"], "layers": ",".join(l["name"] for l in prov["layers"])})
         rows, chosen, warnings = fit_all(wf, extracted)
         with tracking.temp_dir() as tmp:
             tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
-            tracking.log_file(curve_png(rows, os.path.join(tmp, "layer_val_accuracy.png")))
+            tracking.log_file(plots.layer_curve_png(curve(rows), os.path.join(tmp, "layer_val_accuracy.png")))
         metrics = register.log_evaluation(chosen.head, data=chosen.data)  # the one and only look at test
         models = register_best(chosen, registered=wf.tracking.registered_model or wf.name, run_id=run_id,
                                trials=len(rows))
@@ -159,22 +176,35 @@ def fit_all(wf: Workflow, extracted: list[tuple]) -> tuple[list[dict], Chosen, l
     """A row per trial of every backbone, the chosen one marked; the chosen trial; warnings about the splits."""
     rows, chosen, warnings = [], None, {}
     t = wf.train
-    for sub, _, extraction_run in extracted:
-        data = load_layers(sub)
-        # Before fitting: every backbone's splits, said once when they agree (they do when the images are the same).
-        found = checks.check(next(iter(data.values())), val_fraction=t.val_fraction, test_fraction=t.test_fraction)
-        warnings.update(dict.fromkeys(found))
-        tracking.set_tags(checks.tag(list(warnings)))
-        for row, head in sweep_backbone(wf, sub, data, extraction_run):
-            rows.append(row)
-            if chosen is None or rank(row) > rank(chosen.row):
-                chosen = Chosen(row, head, data[row["layer"]], sub, extraction_run)
+    with live.training("sweep", remote=False) as shown:  # the heads train here, in the driver
+        for k, (sub, _, extraction_run) in enumerate(extracted):
+            data = load_layers(sub)
+            # Before fitting: every backbone's splits, said once when they agree (the same images: they do).
+            found = checks.check(next(iter(data.values())), val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+            warnings.update(dict.fromkeys(found))
+            tracking.set_tags(checks.tag(list(warnings)))
+            on_epoch = reporter(shown.handle, wf, sub, fit=k + 1, fits=len(extracted))
+            for row, head in sweep_backbone(wf, sub, data, extraction_run, on_epoch=on_epoch):
+                rows.append(row)
+                if chosen is None or rank(row) > rank(chosen.row):
+                    chosen = Chosen(row, head, data[row["layer"]], sub, extraction_run)
     for row in rows:
         row["chosen"] = row is chosen.row
     return rows, chosen, list(warnings)
 
 
-def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.FeatureData], extraction_run: str):
+def reporter(handle, wf: Workflow, sub: Workflow, *, fit: int, fits: int):
+    """What the progress line says after each epoch of one backbone's heads."""
+    e = sub.extract
+
+    def on_epoch(epoch: int, training: int, best: float) -> None:
+        live.tell(handle, epoch=epoch, epochs=wf.sweep.epochs, fit=fit, fits=fits, what="backbone",
+                  note=f"{e.backbone} ({e.weights}): {training} heads still training, best val accuracy {best:.4f}")
+    return on_epoch
+
+
+def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.FeatureData], extraction_run: str, *,
+                   on_epoch=None):
     """Fit every layer × grid head of one backbone; log a child run per trial; yield (row, head)."""
     s, t = wf.sweep, wf.train
     first = next(iter(data.values()))
@@ -184,6 +214,7 @@ def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.Feature
         first.y["val"], classes=len(first.classes), lrs=s.lr, weight_decays=s.weight_decay,
         hidden=t.hidden if mlp else [], dropout=t.dropout if mlp else 0.0, epochs=s.epochs,
         batch_size=s.batch_size, patience=s.patience, label_smoothing=t.label_smoothing, seed=t.seed,
+        on_epoch=on_epoch,
     )
     prov, order = first.provenance, list(data)
     for trial in trials:
@@ -227,28 +258,4 @@ def write_table(rows: list[dict], path: str) -> str:
 
     table = pd.DataFrame(rows).sort_values(["backbone", "weights", "layer_index", "lr", "weight_decay"])
     table.to_csv(path, index=False)
-    return path
-
-
-def curve_png(rows: list[dict], path: str) -> str:
-    """Layer (in depth order) vs best val accuracy over the grid, one line per backbone and weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (backbone, weights), layers in curve(rows).items():
-        xs = range(1, len(layers) + 1)
-        ax.plot(xs, list(layers.values()), marker="o", label=f"{backbone} ({weights})")
-        for x, (name, acc) in zip(xs, layers.items()):
-            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xlabel("layer, early → late (stage index)")
-    ax.set_ylabel("best val accuracy over the grid")
-    ax.set_title("which layer? validation accuracy per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
