@@ -1,65 +1,30 @@
-"""Helpers for benchmarks/extract.py: cached JPEG data, process-tree memory, the plain PyTorch loop."""
+"""Helpers the benchmarks share: process-tree memory, the Parquet rows a hand-written loop writes, timed spans."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from PIL import Image
 
-from ftl import datasets
-from ftl.model import imaging
-
-CACHE = Path(__file__).resolve().parent / ".cache"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def jpeg_folder(n: int, width: int) -> Path:
-    """An imagefolder of at least `n` Fashion-MNIST JPEGs, `width` x 3/4 width, reused across runs."""
-    per_class = math.ceil(n / 15)  # write_imagefolder writes train + val/4 + test/4 per class, rounded down
-    while 10 * (per_class + 2 * (per_class // 4)) < n:
-        per_class += 1
-    done = sorted(CACHE.glob(f"fmnist-w{width}-pc*/.complete"), key=lambda p: int(p.parent.name.rsplit("pc", 1)[1]))
-    for marker in done:
-        if int(marker.parent.name.rsplit("pc", 1)[1]) >= per_class:
-            return marker.parent
-    root = CACHE / f"fmnist-w{width}-pc{per_class}"
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.perf_counter()
-    count = datasets.write_imagefolder(root, per_class=per_class, fmt="jpg", size=width)
-    (root / ".complete").write_text(str(count))
-    print(f"wrote {count} JPEGs to {root} in {time.perf_counter() - t:.0f}s (cached for reruns)")
-    return root
-
-
-def list_jpegs(root: Path, n: int) -> list[str]:
-    """The `n` image paths ftl's listing takes for `source.limit: n`, so every loop sees the same files."""
-    from ftl.config import SourceConfig
-    from ftl.sources import listing
-
-    return listing.list_images(SourceConfig(uri=str(root), limit=n))["uri"].to_pylist()
-
-
 class MemorySampler:
-    """Peak RSS and PSS summed over this process and all its descendants (local Ray workers included)."""
+    """Peak RSS and PSS summed over a process (this one by default) and all its descendants (local Ray workers too)."""
 
-    def __init__(self, interval: float = 0.2):
-        self.interval = interval
+    def __init__(self, interval: float = 0.2, *, root: int | None = None):
+        self.interval, self.root = interval, root or os.getpid()
         self.peak_rss = self.peak_pss = 0
         self.at_peak: list[tuple[str, int, int]] = []  # (process, RSS, PSS) when PSS peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -73,7 +38,7 @@ class MemorySampler:
             self.sample()
 
     def sample(self) -> None:
-        procs = [(pid, *memory_of(pid)) for pid in tree(os.getpid())]
+        procs = [(pid, *memory_of(pid)) for pid in tree(self.root)]
         rss, pss = sum(p[1] for p in procs), sum(p[2] for p in procs)
         if pss > self.peak_pss:
             self.at_peak = [(process_name(pid), r, p) for pid, r, p in procs]
@@ -134,40 +99,6 @@ def image_id(path: str) -> str:
     return hashlib.blake2b(f"{path}\nsize:{st.st_size}:mtime:{st.st_mtime}".encode(), digest_size=16).hexdigest()
 
 
-def load_pil(path: str, pre: imaging.Preprocess) -> tuple[np.ndarray, int, int]:
-    """What a careful hand-written loader does: PIL decode (JPEG draft), shorter side to resize, centre crop."""
-    img = Image.open(path)
-    width, height = img.size
-    scale = pre.resize / min(width, height)
-    img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = pre.resize / min(w, h)
-    img = img.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
-    left, top = (img.width - pre.crop) // 2, (img.height - pre.crop) // 2
-    img = img.crop((left, top, left + pre.crop, top + pre.crop))
-    return np.array(img, dtype=np.uint8), width, height  # a writable copy, as torch.from_numpy wants
-
-
-class JpegFiles(torch.utils.data.Dataset):
-    """Image files of an imagefolder → (uint8 HWC pixels, width, height, index)."""
-
-    def __init__(self, paths: list[str], pre: imaging.Preprocess):
-        self.paths, self.pre = paths, pre
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        pixels, w, h = load_pil(self.paths[i], self.pre)
-        return torch.from_numpy(pixels), w, h, i
-
-
-def one_thread(_worker: int) -> None:
-    # Loader workers only decode; torch threads there would fight the model for the cores.
-    torch.set_num_threads(1)
-
-
 def rows_table(paths: list[str], idx: list[int], widths, heights, feats: dict[str, np.ndarray],
                prov: dict, schema: pa.Schema) -> pa.Table:
     """One batch as the same Arrow table ftl writes: base columns plus a fixed_size_list per layer."""
@@ -185,12 +116,6 @@ def rows_table(paths: list[str], idx: list[int], widths, heights, feats: dict[st
         values = feats[layer["name"]].astype(np.float32, copy=False).reshape(-1)
         arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values), layer["dim"]))
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def write_rows(writer: pq.ParquetWriter | None, table: pa.Table, path: Path) -> pq.ParquetWriter:
-    writer = writer or pq.ParquetWriter(path, table.schema)
-    writer.write_table(table)
-    return writer
 
 
 class Spans:
