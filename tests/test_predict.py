@@ -167,3 +167,24 @@ def test_a_predict_only_workflow_needs_no_source_or_extract(tmp_path, capsys):
 def test_flags_are_validated_like_the_keys_they_set(flag, capsys):
     assert main(["predict", "--model", "m", "--input", "i", "--output", "o", flag]) == 2
     assert f"predict.{flag[2:].split('=')[0].replace('-', '_')}:" in capsys.readouterr().err
+
+
+def test_an_output_written_by_one_model_refuses_another_naming_both(tmp_path, fmnist, registered_model, capsys):
+    """Predictions of two models in one folder would be read as one model's: the second is refused."""
+    import mlflow.artifacts
+    from safetensors.numpy import load_file, save_file
+
+    other = Path(mlflow.artifacts.download_artifacts(registered_model, dst_path=str(tmp_path / "download")))
+    [weights] = other.rglob("head.safetensors")
+    save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights)  # the same model folder, another head
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted((fmnist / "test" / "bag").glob("*.png"))[:2]:
+        shutil.copy(p, inputs / p.name)
+    out = tmp_path / "o"
+    assert main(["predict", "--model", registered_model, "--input", str(inputs), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(other), "--input", str(inputs), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds predictions of another model" in err and registered_model in err and str(other) in err
+    assert len(predictions(out)) == 2  # untouched

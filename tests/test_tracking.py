@@ -94,3 +94,27 @@ def test_a_run_whose_driver_died_is_ended_by_the_next_command(tmp_path, monkeypa
         assert mlflow.get_run(alive_run).info.status == "FINISHED"
     finally:
         mlflow.set_tracking_uri(saved)
+
+
+def test_a_quote_in_the_output_path_neither_breaks_nor_widens_the_searches(tmp_path, fmnist, mlflow_server,
+                                                                           ray_runtime, capsys):
+    """The train run finds the extraction run of an output named with a quote, and only that one."""
+    from mlflow import MlflowClient
+
+    from ftl.cli import main
+    from tests.conftest import write_workflow
+
+    runs = {}
+    for name in ("it's", "its"):
+        wf = write_workflow(tmp_path / f"{name}.yaml", name="quoted", source={"uri": str(fmnist), "limit": 120},
+                            extract={"output": str(tmp_path / name / "out"), "weights": "random", "batch_size": 32,
+                                     "preprocess": {"resize": 32, "crop": 32}},
+                            train={"optimizer": "lbfgs", "epochs": 3}, tracking={"registered_model": "quoted"})
+        assert main(["run", str(wf)]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        runs[name] = next(l.split()[3].rstrip(":") for l in out.splitlines() if l.startswith("MLflow extraction run"))
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("quoted").experiment_id
+    trained = client.search_runs([exp], "tags.`ftl.stage` = 'train'")
+    by_output = {r.data.params["features_uri"]: r.data.tags["ftl.extraction_run"] for r in trained}
+    assert {Path(u).parent.parent.name: run for u, run in by_output.items()} == runs
