@@ -48,6 +48,8 @@ def configure(*, be_verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow sets its own loggers' level when it is imported, from this variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Its "View run … at" lines: each summary ends with the run's link already.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Deprecations inside Ray and MLflow are theirs to fix, not the user's; ours are fixed where they arise.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(ray|mlflow|pydantic)(\.|$)")
     warnings.filterwarnings("ignore", message=r".*An input example was not provided.*")
@@ -58,9 +60,12 @@ def ray_logging_level() -> str:
 
 
 class _Drop(logging.Filter):
-    """Drops the records that say only what ftl itself chose (its progress line replaces Ray's bars)."""
+    """Drops the records that say only what ftl itself chose: its progress line replaces Ray's bars, and its
+    training workers take every CPU of a small node on purpose while Ray Data reads arrays that are already
+    in the object store (Ray Data warns of a hang from one look at the free CPUs, and none follows)."""
 
-    CHOSEN = ("Progress bars disabled", "tqdm is not installed. Progress bars will be disabled")
+    CHOSEN = ("Progress bars disabled", "tqdm is not installed. Progress bars will be disabled",
+              "The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in self.CHOSEN)

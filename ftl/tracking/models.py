@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import tempfile
@@ -22,6 +23,22 @@ def requirements(*packages: str) -> list[str]:
     return [f"{p}=={importlib.metadata.version(p)}" for p in packages]
 
 
+@contextlib.contextmanager
+def registering():
+    """MLflow prints "Successfully registered model" and "Created version" lines, which ftl's summary says
+    already: they show only with --verbose. Failures still raise."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    from ftl import logs
+
+    was = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = logs.verbose()
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
+
+
 def log_head(head, example: np.ndarray, *, name: str, registered: str | None):
     """The head (probabilities out) as pt2: a torch.export graph, loadable without ftl's code."""
     import mlflow.pytorch
@@ -30,10 +47,11 @@ def log_head(head, example: np.ndarray, *, name: str, registered: str | None):
 
     with torch.no_grad():
         out = head(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        head, name=name, signature=infer_signature(example, out), input_example=example,
-        serialization_format="pt2", pip_requirements=requirements("torch"), registered_model_name=registered,
-    )
+    with registering():
+        return mlflow.pytorch.log_model(
+            head, name=name, signature=infer_signature(example, out), input_example=example,
+            serialization_format="pt2", pip_requirements=requirements("torch"), registered_model_name=registered,
+        )
 
 
 def log_composed(folder: str, *, name: str, registered: str, classes: int):
@@ -48,7 +66,7 @@ def log_composed(folder: str, *, name: str, registered: str, classes: int):
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                         ColSpec(Array("double"), "probabilities")]),
     )
-    with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp, registering():
         return mlflow.pyfunc.log_model(
             name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[model_code(tmp)],
             signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS),
