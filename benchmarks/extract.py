@@ -108,14 +108,14 @@ def rows_written(name: str, output: str) -> int | None:
     return sum(pq.read_metadata(p).num_rows for p in Path(folder).glob("*.parquet"))
 
 
-def run_one(name: str, s: dict, *, env: dict, tmp: Path, model: str | None, logs: Path) -> dict:
+def run_one(name: str, s: dict, *, env: dict, tmp: Path, model: str | None, log: Path) -> dict:
     shutil.rmtree(s["output"], ignore_errors=True)
     cmd = command(name, s, tmp, model)
     n = len(images.paths(Path(s["root"])))
-    result = launch.run(cmd, env=env, images=n, log=logs / f"{name}.log") | {"images": n}
+    result = launch.run(cmd, env=env, images=n, log=log) | {"images": n}
     written = rows_written(name, s["output"])
     if written is not None and written != result["images"]:
-        raise RuntimeError(f"{name} wrote {written} rows for {result['images']} images; see {logs / (name + '.log')}")
+        raise RuntimeError(f"{name} wrote {written} rows for {result['images']} images; see {log}")
     shutil.rmtree(s["output"], ignore_errors=True)  # the disk holds one contender's output at a time
     return result
 
@@ -151,7 +151,7 @@ def main() -> None:
             for mode in args.allocators:
                 env = allocators.env_for(mode, base, jemalloc=jemalloc)
                 for name in args.contenders:
-                    r = run_one(name, s, env=env, tmp=tmp, model=model, logs=logs)
+                    r = run_one(name, s, env=env, tmp=tmp, model=model, log=logs / f"{rep + 1}-{mode}-{name}.log")
                     results[mode][name].append(r)
                     print(f"run {rep + 1}/{args.repeat} {mode:<8} {name:<8} {r['wall_s']:6.1f}s  "
                           f"{r['wall_rate']:6.1f} img/s by wall, {r.get('stream_rate', 0):6.1f} streaming",

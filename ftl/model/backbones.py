@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ftl.errors import LayerError
+from ftl.model.vision import torchvision  # torchvision without torch._dynamo (see vision.py)
+
+# Not a plain `from torchvision... import`: that would import torchvision before vision.py could.
+feature_extraction = importlib.import_module("torchvision.models.feature_extraction")
 
 # The layer that feeds the classifier, where the generic rule (last node outside the
 # head module) picks something less useful, e.g. vgg16's 25088-d flatten instead of fc7.
@@ -50,7 +53,7 @@ def build(name: str) -> nn.Module:
 @functools.lru_cache(maxsize=None)
 def node_names(name: str) -> tuple[str, ...]:
     """Graph nodes of the eval-mode model (torchvision.models.feature_extraction)."""
-    _, nodes = get_graph_node_names(build(name))
+    _, nodes = feature_extraction.get_graph_node_names(build(name))
     return tuple(n for n in nodes if n != "x")
 
 
@@ -174,7 +177,7 @@ class Tap(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.layers = list(layers)
         self.pooling = pooling
-        self.body = create_feature_extractor(model.eval(), return_nodes={n: n for n in layers})
+        self.body = feature_extraction.create_feature_extractor(model.eval(), return_nodes={n: n for n in layers})
         self.body.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
@@ -192,7 +195,7 @@ def layer_shapes(name: str, size: int | None = None) -> dict[str, tuple[int, ...
     """Output shape of every tensor-valued tap point, from one forward pass on random weights."""
     model = build(name)
     size = size or preprocess_defaults(name)["crop"]
-    body = create_feature_extractor(model, return_nodes=list(node_names(name)))
+    body = feature_extraction.create_feature_extractor(model, return_nodes=list(node_names(name)))
     with torch.inference_mode():
         outs = body(torch.zeros(2, 3, size, size))
     # A batch of 2 tells activations (leading dim 2) from parameters read inside forward.

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision
 from torch import nn
 
 from ftl.errors import WeightsError
 from ftl.model import backbones
+from ftl.model.vision import torchvision  # torchvision without torch._dynamo (see vision.py)
 
 if TYPE_CHECKING:
     from ftl.io import storage
