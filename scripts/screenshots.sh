@@ -48,14 +48,18 @@ print(q, s, run.info.run_id, "fashion-mnist-mobilenet_v2")
 PY
 )
 
-shoot() {  # shoot <file> <page>: a 1500x900 picture of the page once its scripts have run
-  local url="http://127.0.0.1:$PORT/#/$2"
-  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1500,900 \
+shoot() {  # shoot <file> <page>: a picture of the page once its scripts have run
+  # workflowType: the UI's "Model training" view, which ftl's run links open too.
+  local url="http://127.0.0.1:$PORT/#/$2?workflowType=machine_learning"
+  # A fresh browser profile opens MLflow's assistant panel (about 380 px on the right) on first load:
+  # the window is wider by that much, and the picture is the page left of it (1410x900).
+  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1900,900 \
     --virtual-time-budget=20000 --screenshot="docs/$1" "$url" >/dev/null 2>&1
   # Fewer colours, same picture: each stays under 300 KB.
   .venv/bin/python -c "
 import sys; from PIL import Image
-im = Image.open(sys.argv[1]).convert('RGB').quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+im = Image.open(sys.argv[1]).convert('RGB').crop((0, 0, 1410, 900))
+im = im.quantize(colors=128, method=Image.Quantize.MEDIANCUT)
 im.save(sys.argv[1], optimize=True)" "docs/$1"
   echo "docs/$1: $url ($(du -k "docs/$1" | cut -f1) KB)"
 }

@@ -91,7 +91,8 @@ def run_link(run_id: str) -> str:
 
     run = mlflow.get_run(run_id)
     uri = mlflow.get_tracking_uri()
-    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    # workflowType: MLflow 3's UI shows an experiment in its GenAI view unless told otherwise.
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return f"mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{path}"
