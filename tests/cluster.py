@@ -29,9 +29,14 @@ import psutil
 
 from tests.conftest import free_port
 
-# The interpreter may live under the home that workers must not see (pyenv): every machine has it.
-PYTHON_UNDER_HOME = tuple(p for p in {str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve())}
-                          if p.startswith(str(Path.home()) + "/"))
+# What every machine of a real cluster has installed: the interpreter (pyenv keeps it under the
+# home), the virtualenv and ftl itself (an editable install, so the checkout: CI may clone it under
+# /tmp). Where one lies under a path a worker must not see, it is bound back in.
+INSTALLED = tuple({str(Path(p).resolve()) for p in (sys.base_prefix, sys.prefix, Path(__file__).parents[1])})
+
+
+def installed_under(hidden: list[str]) -> tuple[str, ...]:
+    return tuple(p for p in INSTALLED if any(p.startswith(str(Path(h).resolve()) + "/") for h in hidden))
 
 BIN = Path(sys.executable).parent
 NODE_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -205,7 +210,7 @@ class Cluster:
         """A (new) worker node of `kind`, e.g. a spot GPU node replacing one that was lost."""
         self.count += 1
         self.workers[kind] = Worker(self.head, self.logs / f"{kind}-{self.count}.log", num_cpus=self.CPUS[kind],
-                                    resources={kind: 1}, private=self.hide, keep=PYTHON_UNDER_HOME,
+                                    resources={kind: 1}, private=self.hide, keep=installed_under(self.hide),
                                     env=self.worker_env)
         return self.workers[kind]
 
