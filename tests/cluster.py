@@ -32,7 +32,7 @@ from tests.conftest import free_port
 # What every machine of a real cluster has installed: the interpreter (pyenv keeps it under the
 # home), the virtualenv and ftl itself (an editable install, so the checkout: CI may clone it under
 # /tmp). Where one lies under a path a worker must not see, it is bound back in.
-INSTALLED = tuple({str(Path(p).resolve()) for p in (sys.base_prefix, sys.prefix, Path(__file__).parents[1])})
+INSTALLED = tuple(sorted({str(Path(p).resolve()) for p in (sys.base_prefix, sys.prefix, Path(__file__).parents[1])}))
 
 
 def installed_under(hidden: list[str]) -> tuple[str, ...]:
@@ -151,9 +151,13 @@ class Worker:
         # bound aside, the tmpfs mounted, then moved back in.
         keep = [k for k in keep if os.path.isdir(k)]
         saved = [f"mkdir -p /run/ftl-keep{i} && mount --bind {shlex.quote(k)} /run/ftl-keep{i}" for i, k in enumerate(keep)]
-        hide = [f"mount -t tmpfs -o size=256m ftl-node {shlex.quote(p)}" for p in private if os.path.isdir(p)]
+        # A hidden path inside a kept one (a package in the virtualenv) is hidden once that is back.
+        inside = [p for p in private if any(p.startswith(k + "/") for k in keep)]
+        hide = [f"mount -t tmpfs -o size=256m ftl-node {shlex.quote(p)}" for p in private
+                if os.path.isdir(p) and p not in inside]
         restore = [f"mkdir -p {shlex.quote(k)} && mount --move /run/ftl-keep{i} {shlex.quote(k)}" for i, k in enumerate(keep)]
-        script = " && ".join([*saved, *hide, *restore, "exec " + shlex.join(ray_start)])
+        hide_inside = [f"mount -t tmpfs -o size=256m ftl-node {shlex.quote(p)}" for p in inside if os.path.isdir(p)]
+        script = " && ".join([*saved, *hide, *restore, *hide_inside, "exec " + shlex.join(ray_start)])
         self.resources, self.log = resources, log
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                                      env={**head.env, **(env or {})},
