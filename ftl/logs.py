@@ -52,7 +52,6 @@ def configure(*, be_verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Deprecations inside Ray and MLflow are theirs to fix, not the user's; ours are fixed where they arise.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(ray|mlflow|pydantic)(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*An input example was not provided.*")
 
 
 def ray_logging_level() -> str:
