@@ -5,6 +5,18 @@ else that escapes is a bug, and the CLI lets its traceback through.
 """
 
 
+from collections.abc import Iterator
+
+
+def chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e`, then what it was raised from or during, and so on, each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 class FtlError(Exception):
     """A run that cannot go on as asked; the message says why and what to do."""
 

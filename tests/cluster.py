@@ -28,6 +28,7 @@ from typing import ClassVar
 import psutil
 
 from tests.conftest import free_port
+from tests.sessions import end_session, session_processes
 
 # What every machine of a real cluster has installed: the interpreter (pyenv keeps it under the
 # home), the virtualenv and ftl itself (an editable install, so the checkout: CI may clone it under
@@ -100,40 +101,6 @@ class Head:
     def stop(self) -> None:
         """End every process of this head's session; nothing else on the machine is touched."""
         end_session(self.proc)
-
-
-def end_session(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal every process of `proc`'s session (SIGKILL after 10 s); nothing else is touched."""
-    procs = session_processes(proc.pid)
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    proc.wait(timeout=10)
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    """The live processes of session `sid` (a node, as `ray start` began it)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except OSError:
-            pass
-    return out
-
-
-def session_members(sid: int) -> list[int]:
-    return [p.pid for p in session_processes(sid)]
 
 
 class Worker:

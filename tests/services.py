@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.cluster import end_session
+from tests.sessions import end_session
 from tests.conftest import free_port
 
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftl import datasets
-from tests.cluster import Head, session_members
+from tests.cluster import Head
+from tests.sessions import session_members
 from tests.conftest import write_workflow
 
 

@@ -16,7 +16,8 @@ import psutil
 import pytest
 import s3fs
 
-from tests.cluster import job_dir, running_cluster, session_processes, wait_for_nodes
+from tests.cluster import job_dir, running_cluster, wait_for_nodes
+from tests.sessions import session_processes
 from tests.conftest import BUCKET
 from tests.invariant import assert_exactly_once
 from tests.proxy import Proxy

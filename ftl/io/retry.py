@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from ftl.errors import chain
+
 T = TypeVar("T")
 # Attempts whose backoff adds up to about 15 s (0.5 + 1 + 2 + 4 + 8, jittered): enough to ride out
 # a short storage outage or a restart of the endpoint, not so long that a dead one hangs a task.
@@ -34,9 +36,7 @@ TRANSIENT_WORDS = ("timed out", "timeout", "throttl", "slow down", "slowdown", "
 
 def is_transient(e: BaseException) -> bool:
     """Would the same read succeed later? Walks the exception's causes too."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in chain(e):
         if isinstance(e, (FileNotFoundError, IsADirectoryError)):
             return False
         if isinstance(e, (TimeoutError, ConnectionError, PermissionError)):
@@ -47,7 +47,6 @@ def is_transient(e: BaseException) -> bool:
             return True
         if any(w in str(e).lower() for w in TRANSIENT_WORDS):
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 

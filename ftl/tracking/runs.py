@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ftl.config import TrackingConfig
-from ftl.errors import TrackingError
+from ftl.errors import TrackingError, chain
 from ftl.secrets import split_userinfo
 from ftl.tracking import owner
 from ftl.tracking.lookup import find_extraction
@@ -75,14 +75,8 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
 
 def unreachable(e: BaseException) -> bool:
     """Whether `e` came from MLflow or the way to it (its causes walked): the server down, a timeout, a refusal."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        module = type(e).__module__ or ""
-        if isinstance(e, (TrackingError, ConnectionError)) or module.startswith(("mlflow", "requests", "urllib3")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(isinstance(c, (TrackingError, ConnectionError))
+               or (type(c).__module__ or "").startswith(("mlflow", "requests", "urllib3")) for c in chain(e))
 
 
 def run_link(run_id: str) -> str:
