@@ -108,11 +108,11 @@ def rows_written(name: str, output: str) -> int | None:
     return sum(pq.read_metadata(p).num_rows for p in Path(folder).glob("*.parquet"))
 
 
-def run_one(name: str, s: dict, *, env: dict, tmp: Path, model: str | None, log: Path) -> dict:
+def run_one(name: str, s: dict, *, env: dict, tmp: Path, model: str | None, log: Path, memory: bool = False) -> dict:
     shutil.rmtree(s["output"], ignore_errors=True)
     cmd = command(name, s, tmp, model)
     n = len(images.paths(Path(s["root"])))
-    result = launch.run(cmd, env=env, images=n, log=log) | {"images": n}
+    result = launch.run(cmd, env=env, images=n, log=log, memory=memory) | {"images": n}
     written = rows_written(name, s["output"])
     if written is not None and written != result["images"]:
         raise RuntimeError(f"{name} wrote {written} rows for {result['images']} images; see {log}")
@@ -156,23 +156,33 @@ def main() -> None:
                     print(f"run {rep + 1}/{args.repeat} {mode:<8} {name:<8} {r['wall_s']:6.1f}s  "
                           f"{r['wall_rate']:6.1f} img/s by wall, {r.get('stream_rate', 0):6.1f} streaming",
                           file=sys.stderr, flush=True)
-    print_and_save(args, s, results, parts, jemalloc)
+        memory = {mode: {} for mode in args.allocators}
+        for mode in args.allocators:  # one more run each, sampled for memory and left out of the times
+            env = allocators.env_for(mode, base, jemalloc=jemalloc)
+            for name in args.contenders:
+                r = run_one(name, s, env=env, tmp=tmp, model=model, log=logs / f"memory-{mode}-{name}.log",
+                            memory=True)
+                memory[mode][name] = {k: r[k] for k in ("peak_pss", "peak_rss")}
+                print(f"memory   {mode:<8} {name:<8} peak PSS {r['peak_pss'] / 2**30:.2f} GiB", file=sys.stderr,
+                      flush=True)
+    print_and_save(args, s, results, memory, parts, jemalloc)
 
 
-def print_and_save(args, s: dict, results: dict, parts: dict, jemalloc: str | None) -> None:
+def print_and_save(args, s: dict, results: dict, memory: dict, parts: dict, jemalloc: str | None) -> None:
     load = os.getloadavg()
     header = (f"{args.backbone} weights={args.weights} device={s['device']} images={args.images} "
               f"{args.image_size}x{args.image_size * 3 // 4} JPEG, batch {s['batch']}, {CORES} cores, torch threads "
               f"{s['threads']}, loader workers {s['loader_workers']}, repeat {args.repeat}; load average "
               f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}" + (f"; jemalloc {jemalloc}" if jemalloc else ""))
     ratio_table, ratio_record = report.ratios(results)
-    print(f"\n{header}\n\n{report.table(results)}\n\n{ratio_table}\n")
+    print(f"\n{header}\n\n{report.table(results, memory)}\n\n{ratio_table}\n")
     ftl_runs = results[args.allocators[0]].get("ftl", [])
     if parts:
         print(f"ftl start-up, {args.allocators[0]}:\n\n{report.startup(parts, ftl_runs)}\n")
     cmd = f"python {shlex.join(sys.argv)}"
     print(f"command: {cmd}")
-    record = {"command": cmd, "header": header, "settings": s, "results": results, "ratios": ratio_record,
+    record = {"command": cmd, "header": header, "settings": s, "results": results, "memory": memory,
+              "ratios": ratio_record,
               "startup": parts, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))

@@ -27,6 +27,13 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show 
     logs.configure(be_verbose=verbose)
 
 
+def start_ray_early() -> None:
+    """The workflow is valid and the command needs Ray: start it now, while the driver imports and plans."""
+    from ftl.pipeline import ray_session
+
+    ray_session.start_early()
+
+
 def shortcut(key: str, what: str):
     """A `predict` flag that sets one key of the predict: section."""
     return typer.Option(help=f"predict.{key}: {what} (shortcut for --set predict.{key}=...)")
@@ -45,6 +52,7 @@ def extract(workflow: Workflow, set: Sets = None) -> None:
     from ftl.extract import stage
 
     wf = config.load_workflow(workflow, set or [])
+    start_ray_early()
     result = stage.run(wf)
     typer.echo(result.summary())
 
@@ -56,6 +64,7 @@ def train(workflow: Workflow, set: Sets = None) -> None:
     from ftl.train import stage
 
     wf = config.load_workflow(workflow, set or [])
+    start_ray_early()
     typer.echo(stage.run(wf).summary())
 
 
@@ -67,6 +76,7 @@ def run(workflow: Workflow, set: Sets = None) -> None:
     from ftl.train import stage as train_stage
 
     wf = config.load_workflow(workflow, set or [])
+    start_ray_early()
     extracted = extract_stage.run(wf)
     typer.echo(extracted.summary())
     try:
@@ -90,6 +100,7 @@ def sweep(workflow: Workflow, set: Sets = None) -> None:
     from ftl.train import sweep as stage
 
     wf = config.load_workflow(workflow, set or [])
+    start_ray_early()
     typer.echo(stage.run(wf).summary())
 
 
@@ -112,6 +123,7 @@ def predict(workflow: Annotated[Optional[Path], typer.Argument(
              "actors": actors}
     values = {f"predict.{k}": v for k, v in flags.items() if v is not None}
     wf = config.load_workflow(workflow, set or [], values=values, needs=("predict",))
+    start_ray_early()
     result = stage.run(wf.predict, tracking_uri=tracking.connect(wf.tracking), storage=wf.storage)
     typer.echo(result.summary())
 
@@ -134,7 +146,9 @@ def finetune(workflow: Workflow, set: Sets = None) -> None:
     """Fine-tune the backbone's chosen blocks from the best linear probe (LP-FT) on Ray Train; register the model."""
     from ftl.finetune.stage import run as finetune_run
 
-    typer.echo(finetune_run(config.load_workflow(workflow, set or [])).summary())
+    wf = config.load_workflow(workflow, set or [])
+    start_ray_early()
+    typer.echo(finetune_run(wf).summary())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +172,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def entrypoint() -> None:
     logs.own_process(sys.argv[1:])  # only a real `ftl` process: never one that calls main() in-process
-    sys.exit(main())
+    code = main()
+    session = sys.modules.get("ftl.pipeline.ray_session")
+    if session is not None and session.leave():
+        # The local Ray runtime this command started is gone: skip the interpreter's slow teardown
+        # too (a second or more with torch and MLflow loaded). What exit would still do is done here.
+        finish_fast(code)
+    sys.exit(code)
+
+
+def finish_fast(code: int) -> None:
+    import logging
+    import os
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:  # as MLflow's own exit hook does
+        mlflow.end_run()
+    logging.shutdown()
+    sys.stdout.flush()
+    logs.finish()
+    os._exit(code)
 
 
 if __name__ == "__main__":

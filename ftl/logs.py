@@ -115,10 +115,21 @@ def filter_native_stderr(argv: list[str]) -> None:
 
     def drain() -> None:
         # Last at exit (registered before Ray's own handlers): after Ray's shutdown, give the filter its end of file.
+        sys.stderr.flush()
         os.dup2(real, 2)
         try:
             pump.wait(timeout=5)
         except subprocess.TimeoutExpired:  # a child still holds the pipe; it passes the rest on when it ends
             pass
 
-    atexit.register(drain)
+    _finishers.append(drain)
+    atexit.register(finish)
+
+
+_finishers: list = []
+
+
+def finish() -> None:
+    """Hand the native stderr filter its end of file and wait for its last lines; at exit, or before os._exit."""
+    while _finishers:
+        _finishers.pop()()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+
+import pyarrow.parquet as pq
+
+from tests.conftest import write_workflow
 
 CHECK = """
 import sys
@@ -34,3 +40,39 @@ def test_torchvision_imported_before_ftl_is_left_as_it_is():
     code = "import torchvision, sys; import ftl.model.backbones; assert 'torch._dynamo' in sys.modules; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def session_processes(sid: int) -> list[str]:
+    """Live (not zombie) processes of session `sid`: Ray's workers set their own group but keep the session."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(f"{pid} {cmd}")
+    return found
+
+
+def test_a_local_run_takes_its_ray_runtime_with_it(tmp_path, fmnist):
+    """`ftl extract` starts Ray on a thread while it imports, kills that runtime at exit and skips the slow teardown:
+    the features land, the summary prints, and no process of the runtime outlives the command."""
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(fmnist), "limit": 48},
+                        extract={"output": str(tmp_path / "out"), "weights": "random", "batch_size": 16})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "listed 48 = 0 already done + 48 extracted + 0 quarantined" in out
+    assert "features:" in out.splitlines()[-3]  # the summary's last lines came through whole
+    rows = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out" / "features").glob("*.parquet"))
+    assert rows == 48
+    deadline = time.monotonic() + 5  # SIGKILLed processes are gone at once; reaping by init may lag a little
+    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"outlived `ftl extract`: {left}"

@@ -35,6 +35,15 @@ def test_cpu_cluster_gets_an_actor_per_node_sharing_its_cores():
     assert crowded.runtime.torch_threads == 4  # two actors per node split its 8 cores
 
 
+def test_workers_that_inherit_the_allocator_get_no_runtime_env_of_their_own():
+    """A local runtime started with allocator.ENV in its environment: an actor with a runtime_env would
+    need a new worker process, one without takes a prestarted one."""
+    for gpus, nodes in ((0, (2,)), (1, (8,))):
+        t = resolve(cfg(), Hardware(gpus=gpus, node_cpus=nodes, allocator_inherited=True), crop=224)
+        assert "runtime_env" not in t.actor_options
+        assert t.actor_options["num_cpus"] >= 1.0
+
+
 def test_small_nodes_keep_room_for_a_reader_beside_each_actor():
     # Two 1-CPU workers: an actor per node must leave a reader's share on its node, or nothing decodes.
     for nodes, actors in (((1, 1), None), ((1, 1, 1), None), ((2, 2), 4), ((1.5, 4), None)):

@@ -9,6 +9,7 @@ last batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,14 +26,19 @@ PROGRESS = re.compile(r"^(?:extract|predict): ([\d,]+)(?:/[\d,]+)? images")
 PROGRESS_SECONDS = "0.25"  # how often ftl prints its progress line here: the resolution of its marks
 
 
-def run(cmd: list[str], *, env: dict, images: int, log: Path) -> dict:
-    """Start `cmd`, sample its process tree's memory, collect its marks; raises with its log if it fails."""
+def run(cmd: list[str], *, env: dict, images: int, log: Path, memory: bool = False) -> dict:
+    """Start `cmd`, collect its marks, and with `memory` sample its process tree's memory; raises with its log if it fails.
+
+    Sampling reads every process's smaps_rollup: about 60 ms of CPU per sample for ftl's 15
+    processes and a few for a single process, so it would tax the contender with the most
+    processes. Timed runs are therefore unsampled and memory has runs of its own.
+    """
     env = env | {"FTL_PROGRESS_SECONDS": PROGRESS_SECONDS, "PYTHONUNBUFFERED": "1"}
     seen: list[tuple[float, int]] = []  # (time, images done) from ftl's progress lines
     lines: list[str] = []
     launched = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with _common.MemorySampler(interval=0.5, root=proc.pid) as mem:
+    with (_common.MemorySampler(interval=0.5, root=proc.pid) if memory else contextlib.nullcontext()) as mem:
         reader = threading.Thread(target=collect, args=(proc.stdout, lines, seen), daemon=True)
         reader.start()
         code = proc.wait()
@@ -44,7 +50,8 @@ def run(cmd: list[str], *, env: dict, images: int, log: Path) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} exited with {code}; its output ({log}) ends with:\n{tail}")
     bench = next((json.loads(line[6:]) for line in reversed(lines) if line.startswith("BENCH ")), None)
     marks = bench or from_progress(seen, images)
-    return summarise(marks, launched=launched, ended=ended, images=images, pss=mem.peak_pss, rss=mem.peak_rss)
+    out = summarise(marks, launched=launched, ended=ended, images=images)
+    return out | ({"peak_pss": mem.peak_pss, "peak_rss": mem.peak_rss} if memory else {})
 
 
 def collect(stream, lines: list[str], seen: list[tuple[float, int]]) -> None:
@@ -65,9 +72,9 @@ def from_progress(seen: list[tuple[float, int]], images: int) -> dict:
     return {"first": first, "first_images": first_n, "last": last, "last_images": last_n}
 
 
-def summarise(marks: dict, *, launched: float, ended: float, images: int, pss: int, rss: int) -> dict:
+def summarise(marks: dict, *, launched: float, ended: float, images: int) -> dict:
     wall = ended - launched
-    out = {"wall_s": wall, "wall_rate": images / wall, "peak_pss": pss, "peak_rss": rss}
+    out = {"wall_s": wall, "wall_rate": images / wall}
     done = marks.get("last_images", images) - marks.get("first_images", images)
     if marks.get("first") and marks.get("last") and marks["last"] > marks["first"] and done > 0:
         out |= {"first_batch_s": marks["first"] - launched, "stream_rate": done / (marks["last"] - marks["first"])}

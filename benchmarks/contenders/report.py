@@ -33,15 +33,15 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def table(results: dict) -> str:
-    """One row per contender and allocator: min and median over the repetitions."""
+def table(results: dict, memory: dict) -> str:
+    """One row per contender and allocator: min and median over the timed runs; memory from its own run."""
     head = ("| contender | allocator | runs | wall s (min / median) | img/s by wall (best / median) "
             "| streaming img/s (best / median) | first batch s (median) | peak PSS GiB |")
     lines = [head, "|" + "---|" * 3 + "---:|" * 5]
     for mode, contenders in results.items():
         for name, runs in contenders.items():
             walls = [r["wall_s"] for r in runs]
-            pss = max(r["peak_pss"] for r in runs) / 2**30
+            pss = memory[mode][name]["peak_pss"] / 2**30
             lines.append(
                 f"| {LABELS[name]} | {mode} | {len(runs)} | {min(walls):.1f} / {statistics.median(walls):.1f} "
                 f"| {fmt(best(runs, 'wall_rate'))} / {fmt(median(runs, 'wall_rate'))} "

@@ -10,32 +10,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import logs
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import allocator, device_decode
+from ftl.pipeline.ray_session import ensure_ray  # noqa: F401  (where the stages import it from)
 from ftl.pipeline.progress import report
 from ftl.pipeline.tuning import Runtime
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def ensure_ray() -> None:
-    """Join the running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Workers' own lines (Ray Train's controller, Ray Data's coordinators) only under -v; the session's
-    # log folder keeps them, and a worker's error still reaches the driver as the exception it raises.
-    shown = logs.verbose()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown)
-    else:
-        # A local runtime for one command needs no dashboard; it only slows the start.
-        ray.init(include_dashboard=False, configure_logging=True, logging_level=logs.ray_logging_level(),
-                 log_to_driver=shown)
-    logs.quiet_ray_data()
 
 
 def pick_device(requested: str) -> str:

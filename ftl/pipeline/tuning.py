@@ -18,14 +18,18 @@ from ftl.pipeline import allocator
 class Hardware:
     gpus: int  # in the whole cluster
     node_cpus: tuple[float, ...]  # per alive node that has CPUs, GPU nodes included
+    allocator_inherited: bool = False  # workers start with allocator.ENV already (ftl.pipeline.ray_session)
 
     @classmethod
     def of_cluster(cls) -> Hardware:
         import ray
 
+        from ftl.pipeline import ray_session
+
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         return cls(gpus=int(sum(r.get("GPU", 0) for r in nodes)),
-                   node_cpus=tuple(r["CPU"] for r in nodes if r.get("CPU", 0) > 0))
+                   node_cpus=tuple(r["CPU"] for r in nodes if r.get("CPU", 0) > 0),
+                   allocator_inherited=ray_session.inherits_allocator())
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def resolve(cfg: PipelineConfig, hw: Hardware, *, crop: int) -> Tuning:
         actors=actors,
         prefetch_batches=prefetch,
         concurrent_batches=concurrent,
-        actor_options=actor_options(cfg, gpu, actors, hw.node_cpus),
+        actor_options=actor_options(cfg, gpu, actors, hw.node_cpus, inherited=hw.allocator_inherited),
         reader_batch_size=cfg.decode_batch_size,
         reader_cpus=cfg.decode_cpus,
         reader_max_bytes=cfg.max_image_bytes,
@@ -120,10 +124,13 @@ def buffer_bytes(cfg: PipelineConfig, *, actors: int, batch: int, queued: int, c
     return max(256 * 2**20, 2 * actors * queued * batch * crop * crop * 3)
 
 
-def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, node_cpus: tuple[float, ...]) -> dict:
+def actor_options(cfg: PipelineConfig, gpu: bool, actors: int, node_cpus: tuple[float, ...], *,
+                  inherited: bool = False) -> dict:
     """Ray's asks for each actor: GPU, CPU (leaving CPU for the readers), environment, placement."""
-    # The allocator's settings must be in the environment when the actor's process starts.
-    options = {"runtime_env": {"env_vars": dict(allocator.ENV)}}
+    # The allocator's settings must be in the environment when the actor's process starts. A
+    # runtime_env of its own makes Ray start a new worker for it, so where every worker inherits
+    # them already, the actor asks for none and takes a prestarted worker.
+    options = {} if inherited else {"runtime_env": {"env_vars": dict(allocator.ENV)}}
     if cfg.actor_resources:
         options["resources"] = dict(cfg.actor_resources)
     if gpu:

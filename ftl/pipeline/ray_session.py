@@ -1,0 +1,152 @@
+"""The Ray runtime a command joins or starts: started early, in the background, and left quickly.
+
+A local runtime costs a few CPU-seconds to start (GCS, raylet, agents, prestarted workers) and
+used to be started only once the driver had imported torch and planned. `start_early` starts it
+on a thread as soon as the command is known, so the two overlap; `ensure_ray` waits for it.
+
+On a machine of its own the runtime hands its workers the allocator settings through their
+inherited environment rather than each actor's `runtime_env`: an actor whose environment
+matches the job's takes one of the workers Ray prestarted, instead of waiting for a new process.
+
+`leave` ends a local runtime this process started without Ray's graceful shutdown, which waits
+up to a second per process and half a second more at interpreter exit; everything a command
+writes is committed before it returns, so there is nothing left for those waits to protect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from ftl import logs
+from ftl.pipeline import allocator
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+_ready = threading.Event()  # set once the thread's start has succeeded or failed
+_failure: BaseException | None = None
+_ours: list[int] = []  # pids of the local runtime's own processes, when this process started it
+_before: set[int] = set()  # this process's children before Ray started (the stderr filter)
+
+
+class _NotMainThread(logging.Filter):
+    """ray.init warns that it set no SIGTERM handler off the main thread; `start_early` sets Ray's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def local() -> bool:
+    """Whether this command runs on a runtime of its own rather than a cluster's (RAY_ADDRESS)."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def inherits_allocator() -> bool:
+    """Whether workers already start with the allocator's environment: a local runtime this process started."""
+    return bool(_ours) and all(os.environ.get(k) == v for k, v in allocator.ENV.items())
+
+
+def start_early() -> None:
+    """Start (or join) the runtime on a thread now; `ensure_ray` waits for it. Call from the main thread."""
+    global _thread
+    import ray  # here, so that the thread never races the main thread's first import of ray
+
+    with _lock:
+        if _thread is not None or ray.is_initialized():
+            return
+        # What ray.init does on the main thread: a SIGTERM (`ray job stop`) ends the driver.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+        _thread = threading.Thread(target=_start_recording, name="ftl-ray-start", daemon=True)
+        _thread.start()
+
+
+def ensure_ray() -> None:
+    """Join the running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
+    import ray
+
+    with _lock:
+        thread = _thread
+    if thread is not None:
+        _ready.wait()
+        if _failure is not None:
+            raise _failure
+    if not ray.is_initialized():  # never started, or shut down since (a test's own runtime)
+        _start()
+    logs.quiet_ray_data()
+
+
+def _start_recording() -> None:
+    global _failure
+    try:
+        _start()
+    except BaseException as e:  # handed to the main thread by ensure_ray
+        _failure = e
+    finally:
+        _ready.set()
+    # Ray binds its processes' lives to the thread that started them (PR_SET_PDEATHSIG names a
+    # thread, not a process): this thread ending would take the GCS and the raylet with it.
+    threading.Event().wait()
+
+
+def _start() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers' own lines (Ray Train's controller, Ray Data's coordinators) only under -v; the session's
+    # log folder keeps them, and a worker's error still reaches the driver as the exception it raises.
+    shown = logs.verbose()
+    if not local():
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown)
+        return
+    _before.update(_children(os.getpid()))
+    # Inherited by every process of the runtime; set before any starts (see module docstring).
+    os.environ.update(allocator.ENV)
+    # A local runtime for one command needs no dashboard; it only slows the start.
+    ray.init(include_dashboard=False, configure_logging=True, logging_level=logs.ray_logging_level(),
+             log_to_driver=shown)
+    _ours.extend(pid for pid in _children(os.getpid()) if pid not in _before)
+
+
+def leave() -> bool:
+    """Kill the local runtime this process started, at once; False (nothing done) for any other runtime."""
+    if not _ours:
+        return False
+    doomed = [p for root in _ours for p in _tree(root)]
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
+    for pid in _ours:  # reap the direct children, so that none lingers as a zombie until we exit
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of `pid` (Linux lists a child under the thread that started it)."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:  # not Linux, or gone: leave() then does nothing and Ray's own shutdown runs at exit
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(_children(p))
+    return out
