@@ -2,7 +2,7 @@
 
 from ftl.config import ExtractConfig, PredictConfig
 from ftl.pipeline import allocator
-from ftl.pipeline.tuning import Hardware, resolve
+from ftl.pipeline.tuning import WORKER_ENV, Hardware, resolve
 
 
 def cfg(**kw) -> ExtractConfig:
@@ -16,7 +16,7 @@ def test_gpu_cluster_gets_an_actor_per_gpu_device_decode_and_overlap():
     assert (rt.device, t.actors, rt.batch_size, rt.decode, rt.precision, rt.channels_last) == (
         "cuda", 16, 256, "device", "bf16", True)
     assert (t.prefetch_batches, t.concurrent_batches) == (4, 2)
-    assert t.actor_options == {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": allocator.ENV}}
+    assert t.actor_options == {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": WORKER_ENV}}
     assert "cuda: 16 actor(s) x batch 256, decode by torchvision.io on cuda" in t.describe()
 
 
@@ -26,7 +26,8 @@ def test_cpu_cluster_gets_an_actor_per_node_sharing_its_cores():
     assert (rt.device, t.actors, rt.batch_size, rt.decode, t.concurrent_batches) == ("cpu", 3, 64, "cpu", 1)
     assert (rt.torch_threads, rt.precision) == (16, "fp32")
     assert t.actor_options["scheduling_strategy"] == "SPREAD"  # one actor per node, as the threads assume
-    assert t.actor_options["runtime_env"] == {"env_vars": allocator.ENV}  # the actor's malloc from its start
+    assert t.actor_options["runtime_env"] == {"env_vars": WORKER_ENV}  # the actor's malloc from its start
+    assert allocator.ENV.items() <= WORKER_ENV.items()
     one = resolve(cfg(), Hardware(gpus=0, node_cpus=(2,)), crop=224)
     assert (one.actors, one.runtime.torch_threads) == (1, None)  # None: the actor takes every core it sees
     assert one.actor_options["num_cpus"] == 1.0 and "scheduling_strategy" not in one.actor_options
@@ -39,7 +40,7 @@ def test_workers_that_inherit_the_allocator_get_no_runtime_env_of_their_own():
     """A local runtime started with allocator.ENV in its environment: an actor with a runtime_env would
     need a new worker process, one without takes a prestarted one."""
     for gpus, nodes in ((0, (2,)), (1, (8,))):
-        t = resolve(cfg(), Hardware(gpus=gpus, node_cpus=nodes, allocator_inherited=True), crop=224)
+        t = resolve(cfg(), Hardware(gpus=gpus, node_cpus=nodes, worker_env_inherited=True), crop=224)
         assert "runtime_env" not in t.actor_options
         assert t.actor_options["num_cpus"] >= 1.0
 

@@ -4,8 +4,8 @@ A local runtime costs a few CPU-seconds to start (GCS, raylet, agents, prestarte
 used to be started only once the driver had imported torch and planned. `start_early` starts it
 on a thread as soon as the command is known, so the two overlap; `ensure_ray` waits for it.
 
-On a machine of its own the runtime hands its workers the allocator settings through their
-inherited environment rather than each actor's `runtime_env`: an actor whose environment
+On a machine of its own the runtime hands its workers their settings (tuning.WORKER_ENV) through
+their inherited environment rather than each actor's `runtime_env`: an actor whose environment
 matches the job's takes one of the workers Ray prestarted, instead of waiting for a new process.
 
 `leave` ends a local runtime this process started without Ray's graceful shutdown, which waits
@@ -22,7 +22,7 @@ import sys
 import threading
 
 from ftl import logs
-from ftl.pipeline import allocator
+from ftl.pipeline.tuning import WORKER_ENV
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -44,9 +44,9 @@ def local() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
-def inherits_allocator() -> bool:
-    """Whether workers already start with the allocator's environment: a local runtime this process started."""
-    return bool(_ours) and all(os.environ.get(k) == v for k, v in allocator.ENV.items())
+def inherits_worker_env() -> bool:
+    """Whether workers already start with WORKER_ENV: a local runtime this process started."""
+    return bool(_ours) and all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
 
 
 def start_early() -> None:
@@ -106,7 +106,7 @@ def _start() -> None:
         return
     _before.update(_children(os.getpid()))
     # Inherited by every process of the runtime; set before any starts (see module docstring).
-    os.environ.update(allocator.ENV)
+    os.environ.update(WORKER_ENV)
     # A local runtime for one command needs no dashboard; it only slows the start.
     ray.init(include_dashboard=False, configure_logging=True, logging_level=logs.ray_logging_level(),
              log_to_driver=shown)
