@@ -21,6 +21,7 @@ from ftl.extract import stage as extract
 from ftl.sources import listing
 from tests.conftest import BUCKET, write_workflow
 from tests.invariant import assert_exactly_once
+from tests.sessions import end_session
 
 
 def run(wf):
@@ -116,8 +117,9 @@ def test_killed_run_resumes_to_exactly_once(tmp_path, fmnist, s3_server, ray_run
     while time.time() < deadline and committed_parts(f"{out}/features") < 2:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray runtime it started
-    proc.wait()
+    # The driver and every process of the Ray runtime it started, workers included (they run in
+    # groups of their own): a write task still running would commit its part after the count below.
+    end_session(proc, signal.SIGKILL)
     written = len(rows(f"{out}/features"))
     assert 0 < written < limit
 

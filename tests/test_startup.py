@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.parquet as pq
 
 from tests.conftest import write_workflow
+from tests.sessions import session_processes
 
 CHECK = """
 import sys
@@ -42,20 +44,16 @@ def test_torchvision_imported_before_ftl_is_left_as_it_is():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def session_processes(sid: int) -> list[str]:
-    """Live (not zombie) processes of session `sid`: Ray's workers set their own group but keep the session."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+def live(sid: int) -> list[str]:
+    """Processes of session `sid` that still run (a killed one may wait a moment to be reaped by init)."""
+    out = []
+    for p in session_processes(sid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append(f"{pid} {cmd}")
-    return found
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def test_a_local_run_takes_its_ray_runtime_with_it(tmp_path, fmnist):
@@ -73,6 +71,6 @@ def test_a_local_run_takes_its_ray_runtime_with_it(tmp_path, fmnist):
     rows = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out" / "features").glob("*.parquet"))
     assert rows == 48
     deadline = time.monotonic() + 5  # SIGKILLed processes are gone at once; reaping by init may lag a little
-    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+    while (left := live(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"outlived `ftl extract`: {left}"
