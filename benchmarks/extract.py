@@ -182,8 +182,7 @@ def print_and_save(args, s: dict, results: dict, memory: dict, parts: dict, jema
     cmd = f"python {shlex.join(sys.argv)}"
     print(f"command: {cmd}")
     record = {"command": cmd, "header": header, "settings": s, "results": results, "memory": memory,
-              "ratios": ratio_record,
-              "startup": parts, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "ratios": ratio_record, "startup": parts, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"results: {args.json}")

@@ -15,24 +15,25 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (the benchmarks' process naming)
 
 FIRST = re.compile(r"^(?:extract|predict): [1-9][\d,]*(?:/[\d,]+)? images")
 
 
-def cpu_seconds() -> dict[int, tuple[float, str]]:
-    """pid → (CPU seconds used so far, command line) for every process."""
+def cpu_seconds() -> dict[int, float]:
+    """pid → CPU seconds (user + system) used so far, for every process."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, cmd[:80] or stat.split("(", 1)[1].split(")")[0])
+        out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     for line in proc.stdout:
         if at is None and FIRST.match(line):
             at, now = time.time() - launched, cpu_seconds()
-            used = {pid: (cpu - before.get(pid, (0.0, ""))[0], name) for pid, (cpu, name) in now.items()}
+            used = {pid: (cpu - before.get(pid, 0.0), _common.process_name(pid)) for pid, cpu in now.items()}
     proc.wait()
     if at is None:
         sys.exit(f"no progress line with images done came from {cmd} (exit {proc.returncode})")

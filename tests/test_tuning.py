@@ -36,8 +36,8 @@ def test_cpu_cluster_gets_an_actor_per_node_sharing_its_cores():
     assert crowded.runtime.torch_threads == 4  # two actors per node split its 8 cores
 
 
-def test_workers_that_inherit_the_allocator_get_no_runtime_env_of_their_own():
-    """A local runtime started with allocator.ENV in its environment: an actor with a runtime_env would
+def test_workers_that_inherit_the_worker_env_get_no_runtime_env_of_their_own():
+    """A local runtime started with WORKER_ENV in its environment: an actor with a runtime_env would
     need a new worker process, one without takes a prestarted one."""
     for gpus, nodes in ((0, (2,)), (1, (8,))):
         t = resolve(cfg(), Hardware(gpus=gpus, node_cpus=nodes, worker_env_inherited=True), crop=224)

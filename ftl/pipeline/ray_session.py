@@ -45,8 +45,8 @@ def local() -> bool:
 
 
 def inherits_worker_env() -> bool:
-    """Whether workers already start with WORKER_ENV: a local runtime this process started."""
-    return bool(_ours) and all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
+    """Whether workers already start with WORKER_ENV: a local runtime this process started (`_start` sets it)."""
+    return bool(_ours)
 
 
 def start_early() -> None:
@@ -69,9 +69,7 @@ def ensure_ray() -> None:
     """Join the running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
     import ray
 
-    with _lock:
-        thread = _thread
-    if thread is not None:
+    if _thread is not None:
         _ready.wait()
         if _failure is not None:
             raise _failure
