@@ -175,8 +175,9 @@ def entrypoint() -> None:
     code = main()
     session = sys.modules.get("ftl.pipeline.ray_session")
     if session is not None and session.leave():
-        # The local Ray runtime this command started is gone: skip the interpreter's slow teardown
-        # too (a second or more with torch and MLflow loaded). What exit would still do is done here.
+        # The local Ray runtime this command started goes as soon as this process does: skip the
+        # interpreter's slow teardown too (a second or more with torch and MLflow loaded), and
+        # Ray's graceful shutdown with it. What exit would still do is done here.
         finish_fast(code)
     sys.exit(code)
 

@@ -74,3 +74,21 @@ def test_a_local_run_takes_its_ray_runtime_with_it(tmp_path, fmnist):
     while (left := live(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"outlived `ftl extract`: {left}"
+
+
+def test_a_command_that_fails_while_ray_starts_exits_cleanly(tmp_path):
+    """A run refused or failing right after Ray's start began (here: a source that is not there) waits
+    for that start, then leaves: its error alone on stderr, its exit code, and no runtime left behind."""
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "missing")},
+                        extract={"output": str(tmp_path / "out"), "weights": "random"})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    # Exiting mid-`ray.init` used to add Ray's own errors here, or a gRPC abort in place of the exit code.
+    assert err.strip().splitlines() == [f"error: source.uri {tmp_path / 'missing'} does not exist"], err[-3000:]
+    deadline = time.monotonic() + 5
+    while (left := live(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"outlived `ftl extract`: {left}"

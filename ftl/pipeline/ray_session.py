@@ -11,6 +11,8 @@ matches the job's takes one of the workers Ray prestarted, instead of waiting fo
 `leave` ends a local runtime this process started without Ray's graceful shutdown, which waits
 up to a second per process and half a second more at interpreter exit; everything a command
 writes is committed before it returns, so there is nothing left for those waits to protect.
+The runtime is killed only once the driver has exited, by a small reaper process: killed while
+the driver lives, its gRPC threads may see their peers vanish mid-call and abort the driver.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _thread: threading.Thread | None = None
 _ready = threading.Event()  # set once the thread's start has succeeded or failed
 _failure: BaseException | None = None
 _ours: list[int] = []  # pids of the local runtime's own processes, when this process started it
+_starting_local = False  # a local runtime's start has begun (its processes may not all be known yet)
 _before: set[int] = set()  # this process's children before Ray started (the stderr filter)
 
 
@@ -102,7 +105,9 @@ def _start() -> None:
     if not local():
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown)
         return
+    global _starting_local
     _before.update(_children(os.getpid()))
+    _starting_local = True
     # Inherited by every process of the runtime; set before any starts (see module docstring).
     os.environ.update(WORKER_ENV)
     # A local runtime for one command needs no dashboard; it only slows the start.
@@ -112,21 +117,53 @@ def _start() -> None:
 
 
 def leave() -> bool:
-    """Kill the local runtime this process started, at once; False (nothing done) for any other runtime."""
-    if not _ours:
+    """Before exit: have the local runtime this process started killed as soon as this process is gone.
+
+    Returns False (nothing done) for a cluster's runtime or none. A command that failed before it
+    needed Ray first waits for the start it began: exiting mid-`ray.init` leaves half a runtime
+    and Ray's errors about it. The caller must then exit with os._exit, at once (cli.finish_fast).
+    """
+    if _thread is not None and not _ready.wait(timeout=_START_WAIT_S):
+        logging.getLogger(__name__).warning("the Ray runtime did not finish starting in %ss; leaving it", _START_WAIT_S)
+    if not _starting_local:
         return False
-    doomed = [p for root in _ours for p in _tree(root)]
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:  # gone already
-            pass
-    for pid in _ours:  # reap the direct children, so that none lingers as a zombie until we exit
-        try:
-            os.waitpid(pid, 0)
-        except OSError:
-            pass
+    roots = _ours or [pid for pid in _children(os.getpid()) if pid not in _before]
+    doomed = [f"{pid}:{start}" for root in roots for pid in _tree(root) if (start := _start_time(pid))]
+    import subprocess
+
+    # In this process's session, so whoever watches it sees the reaper end too; it holds none of our
+    # pipes, so a caller reading our output to its end is not kept waiting for it.
+    subprocess.Popen([sys.executable, "-S", "-c", _REAPER, str(os.getpid()), *doomed], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
     return True
+
+
+_START_WAIT_S = 60
+# Waits for its parent (the driver) to be gone, then SIGKILLs the runtime's processes; a pid is
+# killed only if it still names the same process (its start time), never a later one that reused it.
+_REAPER = """
+import os, signal, sys, time
+driver = int(sys.argv[1])
+while os.getppid() == driver:
+    time.sleep(0.005)
+for item in sys.argv[2:]:
+    pid, start = item.split(":")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[19] == start:
+                os.kill(int(pid), signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+"""
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _children(pid: int) -> list[int]:
