@@ -54,11 +54,45 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_runtime(s3_server):
     """One local Ray runtime for the whole run; started after the S3 env so workers inherit it."""
+    import psutil
     import ray
 
+    before = {p.pid for p in psutil.Process().children()}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=True)
+    roots = [p for p in psutil.Process().children() if p.pid not in before]  # GCS, raylet, monitors
     yield
+    runtime = [q for p in roots for q in _tree(p)]
     ray.shutdown()
+    # A worker can hang in its own exit (torch's threads at teardown) and outlive its raylet, holding
+    # its memory for good: whatever of this runtime is still there after a grace period is killed.
+    _, alive = psutil.wait_procs(runtime, timeout=10)
+    alive = [p for p in alive if _running(p)]  # not a zombie that init has yet to reap
+    for p in alive:
+        p.kill()
+    if alive:
+        import warnings
+
+        warnings.warn(f"killed {len(alive)} process(es) of the test runtime that outlived ray.shutdown: "
+                      f"{sorted(p.pid for p in alive)}", stacklevel=1)
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _tree(proc) -> list:
+    """`proc` and its descendants, or nothing if it is gone."""
+    import psutil
+
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.fixture(scope="session")
