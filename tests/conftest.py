@@ -57,6 +57,8 @@ def ray_runtime(s3_server):
     import psutil
     import ray
 
+    from tests.sessions import running
+
     before = {p.pid for p in psutil.Process().children()}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=True)
     roots = [p for p in psutil.Process().children() if p.pid not in before]  # GCS, raylet, monitors
@@ -66,7 +68,7 @@ def ray_runtime(s3_server):
     # A worker can hang in its own exit (torch's threads at teardown) and outlive its raylet, holding
     # its memory for good: whatever of this runtime is still there after a grace period is killed.
     _, alive = psutil.wait_procs(runtime, timeout=10)
-    alive = [p for p in alive if _running(p)]  # not a zombie that init has yet to reap
+    alive = [p for p in alive if running(p)]
     for p in alive:
         p.kill()
     if alive:
@@ -74,15 +76,6 @@ def ray_runtime(s3_server):
 
         warnings.warn(f"killed {len(alive)} process(es) of the test runtime that outlived ray.shutdown: "
                       f"{sorted(p.pid for p in alive)}", stacklevel=1)
-
-
-def _running(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _tree(proc) -> list:

@@ -42,3 +42,11 @@ def session_processes(sid: int) -> list[psutil.Process]:
 
 def session_members(sid: int) -> list[int]:
     return [p.pid for p in session_processes(sid)]
+
+
+def running(proc: psutil.Process) -> bool:
+    """Still running: not gone, and not a zombie that init has yet to reap (a killed process may wait a moment)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

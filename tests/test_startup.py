@@ -11,7 +11,7 @@ import psutil
 import pyarrow.parquet as pq
 
 from tests.conftest import write_workflow
-from tests.sessions import session_processes
+from tests.sessions import running, session_processes
 
 CHECK = """
 import sys
@@ -45,12 +45,11 @@ def test_torchvision_imported_before_ftl_is_left_as_it_is():
 
 
 def live(sid: int) -> list[str]:
-    """Processes of session `sid` that still run (a killed one may wait a moment to be reaped by init)."""
+    """Processes of session `sid` that still run."""
     out = []
-    for p in session_processes(sid):
+    for p in filter(running, session_processes(sid)):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
         except psutil.NoSuchProcess:
             pass
     return out

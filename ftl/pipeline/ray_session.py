@@ -24,14 +24,14 @@ import sys
 import threading
 
 from ftl import logs
+from ftl.pipeline import reaper
 from ftl.pipeline.tuning import WORKER_ENV
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _ready = threading.Event()  # set once the thread's start has succeeded or failed
 _failure: BaseException | None = None
-_ours: list[int] = []  # pids of the local runtime's own processes, when this process started it
-_starting_local = False  # a local runtime's start has begun (its processes may not all be known yet)
+_started_local = False  # this process began a local runtime's start (set before ray.init: it may not have finished)
 _before: set[int] = set()  # this process's children before Ray started (the stderr filter)
 
 
@@ -49,7 +49,7 @@ def local() -> bool:
 
 def inherits_worker_env() -> bool:
     """Whether workers already start with WORKER_ENV: a local runtime this process started (`_start` sets it)."""
-    return bool(_ours)
+    return _started_local
 
 
 def start_early() -> None:
@@ -105,15 +105,14 @@ def _start() -> None:
     if not local():
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=shown)
         return
-    global _starting_local
+    global _started_local
     _before.update(_children(os.getpid()))
-    _starting_local = True
+    _started_local = True
     # Inherited by every process of the runtime; set before any starts (see module docstring).
     os.environ.update(WORKER_ENV)
     # A local runtime for one command needs no dashboard; it only slows the start.
     ray.init(include_dashboard=False, configure_logging=True, logging_level=logs.ray_logging_level(),
              log_to_driver=shown)
-    _ours.extend(pid for pid in _children(os.getpid()) if pid not in _before)
 
 
 def leave() -> bool:
@@ -125,45 +124,20 @@ def leave() -> bool:
     """
     if _thread is not None and not _ready.wait(timeout=_START_WAIT_S):
         logging.getLogger(__name__).warning("the Ray runtime did not finish starting in %ss; leaving it", _START_WAIT_S)
-    if not _starting_local:
+    if not _started_local:
         return False
-    roots = _ours or [pid for pid in _children(os.getpid()) if pid not in _before]
-    doomed = [f"{pid}:{start}" for root in roots for pid in _tree(root) if (start := _start_time(pid))]
+    roots = [pid for pid in _children(os.getpid()) if pid not in _before]
+    doomed = [f"{pid}:{start}" for root in roots for pid in _tree(root) if (start := reaper.start_time(pid))]
     import subprocess
 
     # In this process's session, so whoever watches it sees the reaper end too; it holds none of our
     # pipes, so a caller reading our output to its end is not kept waiting for it.
-    subprocess.Popen([sys.executable, "-S", "-c", _REAPER, str(os.getpid()), *doomed], stdin=subprocess.DEVNULL,
+    subprocess.Popen([sys.executable, "-I", "-S", reaper.__file__, str(os.getpid()), *doomed], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
     return True
 
 
 _START_WAIT_S = 60
-# Waits for its parent (the driver) to be gone, then SIGKILLs the runtime's processes; a pid is
-# killed only if it still names the same process (its start time), never a later one that reused it.
-_REAPER = """
-import os, signal, sys, time
-driver = int(sys.argv[1])
-while os.getppid() == driver:
-    time.sleep(0.005)
-for item in sys.argv[2:]:
-    pid, start = item.split(":")
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[19] == start:
-                os.kill(int(pid), signal.SIGKILL)
-    except (OSError, IndexError):
-        pass
-"""
-
-
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def _children(pid: int) -> list[int]:
