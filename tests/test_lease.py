@@ -26,8 +26,10 @@ TAKE = """
 import sys, time
 from ftl.io import lease, storage
 out = storage.locate(sys.argv[1])
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all takers start together
-got, _ = lease.try_take(out, ttl=30)
+taker = lease.Taker(out, ttl=2)
+assert taker.attempt()[0] is None  # the first sight of the stale lease starts this host's watch
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all takers try together, each past its own ttl
+got, _ = taker.attempt()
 print("won" if got else "lost", flush=True)
 if got:
     got.stop.set()
@@ -83,22 +85,78 @@ def test_renewal_keeps_a_long_run_s_lease(output):
         with pytest.raises(lease.LeaseHeld):
             with lease.hold(out, ttl=1.5):
                 pass
-        held.fence.check()
+        held.check()
+        assert held.lost is None
 
 
 def test_of_many_runs_taking_over_an_expired_lease_one_wins(output):
     out = storage.locate(output)
     out.fs.makedirs(out.path, exist_ok=True)
-    stale = {"holder": {"host": "gone", "pid": 1}, "since": 0, "renewed": 0, "expires": 1, "token": "old"}
+    stale = {"holder": {"host": "gone", "pid": 1}, "since": 0, "renewed": 0, "epoch": 4, "token": "old"}
     out.fs.pipe_file(out.join(lease.LEASE_FILE).path, json.dumps(stale).encode())
-    start = time.time() + 3
+    start = time.time() + 8  # past every taker's start-up plus its ttl of watching
     procs = [subprocess.Popen([sys.executable, "-c", TAKE, output, str(start)], stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert results == ["lost", "lost", "lost", "won"]
-    # The old holder's write tasks find out before their next commit.
-    with pytest.raises(lease.LeaseLost, match="taken over"):
-        lease.Fence(out, "old").check()
+    record = json.loads(out.fs.cat_file(out.join(lease.LEASE_FILE).path))
+    assert record["token"] != "old" and record["epoch"] == 5  # a takeover is the next epoch
+
+
+def test_a_taker_whose_clock_runs_a_ttl_ahead_does_not_take_a_live_lease(output, monkeypatch):
+    """Expiry is judged on the taker's own monotonic clock: the record unchanged for a ttl, as it watched it."""
+    ttl = 3
+    proc = holder_process(output, ttl=ttl, seconds=60)
+    try:
+        real = time.time
+        monkeypatch.setattr(lease.time, "time", lambda: real() + ttl * 2)  # the holder's record looks stale here
+        started = time.monotonic()
+        with pytest.raises(lease.LeaseHeld, match=rf"pid {proc.pid}"):
+            with lease.hold(storage.locate(output), ttl=ttl):
+                pass
+        waited = time.monotonic() - started
+        monkeypatch.undo()
+        # It watched for one ttl (the lease looked abandoned by its clock), saw renewals, and gave up.
+        assert ttl <= waited < ttl + 3, waited
+        record = json.loads(storage.locate(output).fs.cat_file(storage.locate(output).join(lease.LEASE_FILE).path))
+        assert record["holder"]["pid"] == proc.pid and "released" not in record
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_release_after_a_takeover_leaves_the_successor_s_lease(output):
+    out = storage.locate(output)
+    with lease.hold(out, ttl=30) as first:
+        first.stop.set()  # frozen: no more renewals
+        first.thread.join()
+        taker = lease.Taker(out, ttl=0.2)
+        taker.attempt()
+        time.sleep(0.3)
+        second, _ = taker.attempt()
+        assert second is not None and second.epoch == first.epoch + 1
+    # `first` released on leaving the block: a swap on its own ETag, refused, so the successor still holds it.
+    record = json.loads(out.fs.cat_file(out.join(lease.LEASE_FILE).path))
+    assert record["token"] == second.record["token"] and "released" not in record
+    second.release()
+    assert "released" in json.loads(out.fs.cat_file(out.join(lease.LEASE_FILE).path))
+    with lease.hold(out, ttl=30) as third:  # a released lease is taken at once, as the next epoch
+        assert third.epoch == second.epoch + 1
+
+
+def test_only_a_failed_precondition_counts_as_one():
+    import errno
+
+    from botocore.exceptions import ClientError
+
+    from ftl.io.lease_store import precondition_failed
+
+    assert not precondition_failed(OSError(errno.EINVAL, "Invalid argument"))  # e.g. a bad request: raised
+    for code, status in (("PreconditionFailed", 412), ("InvalidArgument", 400)):
+        e = OSError(errno.EINVAL, code)
+        e.__cause__ = ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+        assert precondition_failed(e) is (status == 412)
+    assert precondition_failed(FileExistsError("exists"))
 
 
 def test_a_swap_against_a_stale_etag_is_refused(output):

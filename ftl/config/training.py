@@ -10,7 +10,9 @@ from ftl.config.base import Strict
 
 
 class TrainConfig(Strict):
-    features: str | None = Field(default=None, description="features folder; default: <extract.output>/features")
+    features: str | None = Field(default=None, description="feature table; default: <extract.output>/features")
+    features_version: int | None = Field(default=None, ge=0, description="train on this version of the feature table "
+                                         "(see `ftl versions`); default: the latest")
     layer: str | None = Field(default=None, description="which extracted layer; default: the first")
     head: Literal["linear", "mlp"] = "linear"
     hidden: list[int] = Field(default_factory=lambda: [512], description="mlp hidden sizes")

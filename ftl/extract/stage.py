@@ -1,10 +1,11 @@
-"""Extract: list images → reader tasks → backbone actor pool → Parquet features (ftl.pipeline.plan).
+"""Extract: list images → reader tasks → backbone actor pool → a Delta table of features (ftl.pipeline.plan).
 
 Output layout under `extract.output`:
-    _ftl.json               provenance of the feature set this folder holds
-    features/part-*.parquet one row per image, one fixed_size_list column per layer
-    quarantine/part-*.parquet  images that could not be read or decoded, with the reason
-Images already in either folder are skipped, so a rerun does only what is missing.
+    _ftl.json     provenance of the feature set this folder holds
+    _ftl.lease    the lease of the run writing it now
+    features/     a Delta table: one row per image, one float vector column per layer
+    quarantine/   a Delta table: images that could not be read or decoded, with the reason
+Images already in either table are skipped, so a rerun does only what is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ftl.config import ExtractConfig, Workflow
 from ftl.errors import ExtractError
 from ftl.extract.embed import Embedder, ModelSpec, ship
-from ftl.io import incremental, output, schema, storage
+from ftl.io import incremental, output, schema, storage, table
 from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
 from ftl.model import backbones, imaging, weights
 from ftl.pipeline import tuning
@@ -37,6 +38,7 @@ class ExtractResult(Tally):
     superseded: int = 0  # old rows of images that changed since they were extracted
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
     settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
+    versions: dict = field(default_factory=dict)  # table folder → its version after this run
 
     def summary(self) -> str:
         lines = [self.tally(ok_as="extracted")]
@@ -53,10 +55,15 @@ class ExtractResult(Tally):
             lines.append(f"gone from the source: {self.gone} (rows kept in the output)")
         if self.settings:
             lines.append(f"ran on {self.settings}")
-        lines += [f"features:   {self.features_uri}", f"quarantine: {self.quarantine_uri}",
+        lines += [f"features:   {self.features_uri}{version(self.versions.get(FEATURES))}",
+                  f"quarantine: {self.quarantine_uri}{version(self.versions.get(QUARANTINE))}",
                   f"feature set {self.feature_set}: {self.provenance['backbone']} "
                   f"{[l['name'] for l in self.provenance['layers']]}"]
         return "\n".join(lines)
+
+
+def version(v: int | None) -> str:
+    return f" (version {v})" if v is not None else ""
 
 
 def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.Preprocess:
@@ -94,14 +101,9 @@ def mismatch(existing: dict, prov: dict) -> ExtractError:
 
 
 def provenance_of_parts(out: storage.Location) -> dict | None:
-    """The feature set the committed parts hold, from their own schema metadata: to rebuild `_ftl.json`."""
-    import pyarrow.parquet as pq
-
-    parts = storage.list_parquet(out.join(FEATURES))
-    if not parts:
-        return None
-    with out.fs.open(parts[0], "rb") as f:
-        return schema.read_provenance(pq.read_schema(f))
+    """The feature set the features table holds, from its own description: to rebuild `_ftl.json`."""
+    features = table.Table.at(out.join(FEATURES))
+    return features.description() or None if features.exists() else None
 
 
 def run(wf: Workflow) -> ExtractResult:
@@ -110,10 +112,14 @@ def run(wf: Workflow) -> ExtractResult:
     started = time.perf_counter()
     spec, prov = plan(wf)
     out = storage.locate(cfg.output, wf.storage.options)
-    listed = list_source(wf)  # a bad source fails here, before the output is touched
+    schemas = {FEATURES: schema.features(prov), QUARANTINE: schema.QUARANTINE}
+    # The lease comes before the listing: a run learns at once that another holds the output.
     with output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage, what="extraction",
-                        mismatch=mismatch, recover=lambda: provenance_of_parts(out)) as held:
+                        mismatch=mismatch, schemas=schemas, description=prov,
+                        recover=lambda: provenance_of_parts(out)) as held:
+        listed = list_source(wf)
         counts = extract_into(out, wf, spec, prov, listed, fence=held.fence)
+        counts["versions"] = held.versions()
     result = ExtractResult(**counts, seconds=time.perf_counter() - started, output=out.uri,
                            features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
                            feature_set=prov["feature_set"], provenance=prov)
@@ -139,9 +145,9 @@ def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dic
     counts = dict(listed=0, already_done=0, ok=0, quarantined=0, retry=0, duplicates=0, shards_skipped=0,
                   superseded=0, gone=0, settings="")
     if wf.source.format == "webdataset":
-        images, shards = webdataset_input(wf, out, listed, counts)
+        images, shards = webdataset_input(wf, out, listed, counts, fence=fence)
     else:
-        images, shards = listed_input(wf, out, listed, counts), None
+        images, shards = listed_input(wf, out, listed, counts, fence=fence), None
     if images is None:
         return counts
     cfg = wf.extract
@@ -162,11 +168,11 @@ def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dic
     return counts
 
 
-def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dict):
+def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dict, *, fence):
     """Imagefolder and manifest sources: diff the listing on the driver, supersede changed rows."""
     images, counts["duplicates"] = listed
     work = incremental.diff(images, out, (FEATURES, QUARANTINE))
-    incremental.supersede(out, work.superseded)
+    incremental.supersede(out, work.superseded, fence=fence)
     counts.update(listed=images.num_rows, already_done=work.already_done, superseded=work.superseded_rows,
                   gone=work.gone)
     if not work.todo.num_rows:
@@ -175,7 +181,7 @@ def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dic
     return blocks(work.todo, rows=wf.extract.decode_batch_size)
 
 
-def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict):
+def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict, *, fence):
     """WebDataset shards: finished shards are skipped unopened, done images inside others pass by."""
     import ray
 
@@ -186,7 +192,7 @@ def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict):
         return None, None
     # A shard that changed since its rows were written: those rows go, as a changed image's do.
     stale = webdataset.superseded(out, todo, (FEATURES, QUARANTINE))
-    incremental.supersede(out, stale)
+    incremental.supersede(out, stale, fence=fence)
     counts["superseded"] = sum(len(ids) for ids in stale.values())
     ensure_ray()
     done = ray.put(webdataset.done_keys(out, (FEATURES, QUARANTINE)))

@@ -15,12 +15,11 @@ import copy
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from ftl.config import PipelineConfig, TrainConfig
 from ftl.finetune import network
-from ftl.io import schema, storage
+from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import plan, readers, tuning
 from ftl.pipeline.runtime import ModelActor
@@ -32,8 +31,8 @@ PIXELS, CUT = "pixels", "cut"
 
 def split_rows(uri: str, *, train: TrainConfig, shuffle_seed: int, storage_options: dict | None) -> dict[str, pa.Table]:
     """The labelled rows of the features at `uri` per split, as the probe saw them; train rows in a seeded order."""
-    loc = storage.locate(uri, storage_options)
-    rows = pq.ParquetDataset(storage.list_parquet(loc), filesystem=loc.fs).read(columns=list(schema.PASSTHROUGH))
+    _, dt = features.open_table(uri, storage_options)
+    rows = dt.to_pyarrow_dataset().to_table(columns=list(schema.PASSTHROUGH))
     rows = rows.filter(pc.is_valid(rows["label"]))
     names = np.array(sorted(pc.unique(rows["label"]).to_pylist()), dtype=object)
     index = np.searchsorted(names, np.array(rows["label"].to_pylist(), dtype=object))

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from ftl import tracking
 from ftl.config import Workflow
-from ftl.errors import FeatureError, TrainError
-from ftl.io import storage
+from ftl.errors import TrainError
 from ftl.tracking import champion
 from ftl.train import evaluate, features
 
@@ -44,12 +43,7 @@ class Probe:
 
 
 def feature_set(uri: str, storage_options: dict | None) -> str:
-    loc = storage.locate(uri, storage_options)
-    parts = storage.list_parquet(loc)
-    if not parts:
-        raise FeatureError(f"no feature Parquet under {loc.uri}; fine-tuning starts from a probe on extracted "
-                           f"features: run `ftl extract` (or `ftl run`) first, or set train.features")
-    return features.check_provenance(loc, parts)["feature_set"]
+    return features.provenance(features.open_table(uri, storage_options)[1])["feature_set"]
 
 
 def choose(wf: Workflow, uri: str) -> tuple[str, str | None, bool]:

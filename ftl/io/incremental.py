@@ -1,23 +1,21 @@
-"""What a run still has to do: the listing against what the output already holds.
+"""What a run still has to do: the listing against what the output's tables already hold.
 
 The done ids are never collected into one set. The listing (which the driver holds anyway)
-becomes a sorted array of 16-byte ids; the id and uri columns of every committed part are
-streamed against it in batches. Driver memory beyond the listing: about 25 bytes per listed
+becomes a sorted array of 16-byte ids; the id and uri columns of the committed rows (the files
+the table's log names) are streamed against it in batches. Driver memory beyond the listing: about 25 bytes per listed
 image kept (key, sort order, found flag), 32 more while the keys are built, plus one batch,
 whatever the size of the output.
 """
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ftl.io import storage
+from ftl.io import storage, table
 
 BATCH_ROWS = 65_536
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -28,7 +26,7 @@ _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint
 class Diff:
     todo: pa.Table
     already_done: int
-    superseded: dict[str, set[str]] = field(default_factory=dict)  # part path → stale image ids
+    superseded: dict[str, set[str]] = field(default_factory=dict)  # table folder → stale image ids
     gone: int = 0  # rows whose image no longer is in the source: reported, never deleted
 
     @property
@@ -72,45 +70,42 @@ class Membership:
         return hit
 
 
+def committed(out: storage.Location, folder: str, columns: list[str]):
+    """Record batches of the committed rows of one of the output's tables (none if it has no table yet)."""
+    t = table.Table.at(out.join(folder))
+    if not t.exists():
+        return
+    yield from t.dataset().to_batches(columns=columns, batch_size=BATCH_ROWS)
+
+
 def diff(listing: pa.Table, out: storage.Location, folders: tuple[str, ...]) -> Diff:
     """Pending images, plus rows to supersede (their image changed) and rows whose image is gone."""
     member = Membership(listing["image_id"])
     stale: dict[str, list[pa.Table]] = {}
     for folder in folders:
-        for part in storage.list_parquet(out.join(folder)):
-            with out.fs.open(part, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(BATCH_ROWS, columns=["image_id", "uri"]):
-                    listed = member.mark(batch.column("image_id"))
-                    if not listed.all():
-                        stale.setdefault(part, []).append(pa.Table.from_batches([batch]).filter(pa.array(~listed)))
+        for batch in committed(out, folder, ["image_id", "uri"]):
+            listed = member.mark(batch.column("image_id"))
+            if not listed.all():
+                stale.setdefault(folder, []).append(pa.Table.from_batches([batch]).filter(pa.array(~listed)))
     todo = listing.filter(pa.array(~member.found))
     result = Diff(todo=todo, already_done=listing.num_rows - todo.num_rows)
     # Unlisted rows are few (changed or removed images): hash those, never the whole listing.
     if stale:
         unlisted = pa.concat_arrays([t["uri"].combine_chunks() for ts in stale.values() for t in ts])
         relisted = listing["uri"].filter(pc.is_in(listing["uri"], value_set=unlisted))
-    for part, tables in stale.items():
+    for folder, tables in stale.items():
         rows = pa.concat_tables(tables)
         changed = pc.is_in(rows["uri"], value_set=relisted)
         if pc.any(changed).as_py():
-            result.superseded[part] = set(rows.filter(changed)["image_id"].to_pylist())
+            result.superseded[folder] = set(rows.filter(changed)["image_id"].to_pylist())
         result.gone += rows.num_rows - int(pc.sum(changed).as_py() or 0)
     return result
 
 
-def supersede(out: storage.Location, stale: dict[str, set[str]]) -> None:
-    """Drop the old rows of changed images from their parts before the new rows are written.
+def supersede(out: storage.Location, stale: dict[str, set[str]], *, fence: table.Fence) -> None:
+    """Remove the old rows of changed images, by a fenced log commit, before their new rows are written.
 
-    The old part is deleted before its replacement is renamed in: a crash in between leaves
-    rows missing, never doubled, and the next run extracts what is missing.
+    A crash after the removal leaves those images missing, never doubled: the next run extracts them.
     """
-    for part, ids in stale.items():
-        with out.fs.open(part, "rb") as f:
-            table = pq.read_table(f)
-        keep = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=pa.array(sorted(ids)))))
-        staged = None
-        if keep.num_rows:
-            staged = storage.stage_table(keep, out)
-        out.fs.rm(part)
-        if staged:
-            out.fs.mv(staged, posixpath.join(posixpath.dirname(part), storage.part_name(keep["image_id"])))
+    for folder, ids in stale.items():
+        table.delete(table.Table.at(out.join(folder)), sorted(ids), fence=fence)

@@ -8,13 +8,14 @@ comparison and a write are one step for every process on the machine.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import threading
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from ftl.errors import chain
 
 
 def store_for(fs: fsspec.AbstractFileSystem):
@@ -26,8 +27,17 @@ def store_for(fs: fsspec.AbstractFileSystem):
 
 
 def precondition_failed(e: OSError) -> bool:
-    """s3fs reports a failed condition as FileExistsError (If-None-Match) or EINVAL (If-Match, HTTP 412)."""
-    return isinstance(e, FileExistsError) or e.errno == errno.EINVAL or "Precondition" in str(e)
+    """Only a failed condition: s3fs raises FileExistsError for If-None-Match, and for If-Match an
+    OSError(EINVAL) raised from botocore's ClientError with HTTP 412 (EINVAL alone means many things)."""
+    if isinstance(e, FileExistsError):
+        return True
+    for cause in chain(e):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in ("PreconditionFailed", "412") or status == 412
+    return False
 
 
 class S3Store:

@@ -1,35 +1,81 @@
-"""Writing into an output: one run at a time (the lease), one identity per output, no leftovers.
+"""Writing into an output: one run at a time (the lease), one identity per output, its tables fenced.
 
 Extract and predict both open their output with `writing()`: it takes the lease, claims the
 output's identity file (`_ftl.json`: the feature set, or the model that wrote the predictions),
-and clears staged parts that a dead run left behind. Only then does the run list and diff.
+converts tables an older ftl wrote as plain Parquet, and commits the run's epoch to every table
+(ftl.io.table.fence). Only then does the run list and diff.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import _thread
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
 
 from ftl.config import StorageConfig
-from ftl.io import lease, storage
+from ftl.io import lease, legacy, storage, table
 from ftl.io.lease_store import store_for
 
 IDENTITY_FILE = "_ftl.json"
 STAGING = "_staging"
 
 
+@dataclass
+class Writing:
+    """What a run holds while it writes: the lease, its fence, and the fenced tables by folder."""
+
+    held: lease.Lease
+    fence: table.Fence
+    tables: dict[str, table.Table]
+    fenced_at: dict[str, int]  # folder → the version the run's fence commit made
+
+    def versions(self) -> dict[str, int | None]:
+        return {name: t.version() for name, t in self.tables.items()}
+
+    def committed(self) -> dict[str, int]:
+        return {name: table.committed_by(t, self.fence.epoch) for name, t in self.tables.items()}
+
+
 @contextlib.contextmanager
 def writing(out: storage.Location, *, identity: dict, key: str, storage_cfg: StorageConfig, what: str,
-            mismatch: Callable[[dict, dict], Exception], recover: Callable[[], dict | None] = lambda: None,
-            ) -> Iterator[lease.Lease]:
-    """Hold `out`'s lease, claim it for `identity` (compared on `identity[key]`), clear stale staging."""
-    with lease.hold(out, ttl=storage_cfg.lease_ttl, wait=storage_cfg.lease_wait, what=what) as held:
+            mismatch: Callable[[dict, dict], Exception], schemas: dict[str, pa.Schema], description: dict,
+            recover: Callable[[], dict | None] = lambda: None) -> Iterator[Writing]:
+    """Hold `out`'s lease, claim it for `identity` (compared on `identity[key]`), fence each table of `schemas`."""
+    with lease.hold(out, ttl=storage_cfg.lease_ttl, wait=storage_cfg.lease_wait, what=what,
+                    on_lost=interrupt_main) as held:
         claim(out, identity, key=key, mismatch=mismatch, recover=recover)
         staging = out.join(STAGING)
-        if out.fs.exists(staging.path):  # under the lease, whatever is staged belongs to a dead run
+        if out.fs.exists(staging.path):  # staged parts of an older ftl's dead run
             out.fs.rm(staging.path, recursive=True)
-        yield held
+        tables = {name: table.Table.at(out.join(name)) for name in schemas}
+        epoch = max([held.epoch] + [t.epoch() + 1 for t in tables.values()])
+        fence = table.Fence(epoch, run=lease.describe(held.record))
+        fenced = {}
+        for name, t in tables.items():
+            converted = legacy.convert(t, schema=schemas[name], description=description, fence=fence)
+            fenced[name] = converted if converted is not None else table.fence(
+                t, schema=schemas[name], description=description, fence=fence)
+        writing = Writing(held, fence, tables, fenced)
+        try:
+            yield writing
+        except (KeyboardInterrupt, table.LeaseLost) as e:
+            if not held.lost and not isinstance(e, table.LeaseLost):
+                raise
+            rows = ", ".join(f"{n} rows to {name}" for name, n in writing.committed().items())
+            raise lease.LeaseLost(f"this run lost the lease on {out.uri} ({held.lost or e}) and stopped; it had "
+                                  f"committed {rows}. Rerun once the other run is done: it does only what is "
+                                  f"missing.") from None
+
+
+def interrupt_main(why: str) -> None:
+    """The lease is lost: stop the run's pipeline now, as Ctrl-C would (`writing` turns it into LeaseLost)."""
+    if threading.current_thread() is not threading.main_thread():
+        _thread.interrupt_main()
 
 
 def claim(out: storage.Location, identity: dict, *, key: str, mismatch: Callable[[dict, dict], Exception],
@@ -37,7 +83,7 @@ def claim(out: storage.Location, identity: dict, *, key: str, mismatch: Callable
     """Create the identity file if absent (atomically: all of it or none); else check it is ours.
 
     A damaged file (a crash mid-write by an older ftl, a hand edit) is rebuilt from what the
-    output's own parts say (`recover`), or replaced when the output holds no parts yet.
+    output's own tables say (`recover`), or replaced when the output holds nothing yet.
     """
     store, path = store_for(out.fs), out.join(IDENTITY_FILE).path
     data = json.dumps(identity, indent=2, sort_keys=True).encode()

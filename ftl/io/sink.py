@@ -1,7 +1,8 @@
-"""A Ray Data sink that splits each block into features and quarantine, committed atomically.
+"""A Ray Data sink that splits each block into features and quarantine, each part one commit to its table.
 
-Each write task stages a Parquet part and renames it into place, so a reader (or a rerun
-after a crash) sees only whole parts. An image lands in exactly one of the two folders.
+Each write task writes a data file and commits it to the table's log with the run's epoch
+(ftl.io.table.append): readers, and a rerun after a crash, see only committed parts, and a run
+that was fenced by a newer one commits nothing. An image lands in exactly one of the two tables.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data.block import Block
 
-from ftl.io import retry, schema, storage
+from ftl.io import retry, schema, storage, table
 
 FEATURES, QUARANTINE = schema.FEATURES, schema.QUARANTINE_FOLDER
 COUNTS = ("ok", "quarantined", "done", "retry")
 # A commit rides out a short storage outage before the task fails: commits are idempotent
-# (a part is named after its rows), so trying one again is always safe.
+# (a part's key is hashed from its rows and found in the log), so trying one again is always safe.
 COMMIT_ATTEMPTS = retry.OUTAGE_ATTEMPTS
 
 
@@ -26,12 +27,12 @@ class SplitSink(Datasink):
     """Rows with an error go to `quarantine/`, rows marked done are only counted, the rest to `folder`."""
 
     def __init__(self, out: storage.Location, *, folder: str, schema: pa.Schema, rows_per_file: int,
-                 quarantine_from: dict[str, str] | None = None, fence=None):
+                 fence: table.Fence, quarantine_from: dict[str, str] | None = None):
         self.out, self.folder, self.schema = out, folder, schema
         self.rows_per_file = rows_per_file
         # Quarantine columns taken from other block columns, e.g. the listed label under another name.
         self.quarantine_from = quarantine_from or {}
-        self.fence = fence  # the run's lease (ftl.io.lease.Fence): checked before every commit
+        self.fence = fence  # the run's epoch, carried by every commit
         self.counts = dict.fromkeys(COUNTS, 0)
 
     @property
@@ -50,25 +51,18 @@ class SplitSink(Datasink):
         failed = pc.not_equal(table["error"], schema.ERROR_NONE)
         good = table.filter(pc.and_(pc.invert(failed), pc.invert(done)))
         quarantined = table.filter(pc.and_(failed, pc.invert(retry)))
-        # Named after the rows it holds: a write task that Ray retries after committing writes the
-        # same name again, so the retry replaces its own part instead of adding its rows twice.
-        name = storage.part_name(table["image_id"])
         if good.num_rows:
-            self.commit(good.select(self.schema.names).cast(self.schema), self.folder, name)
+            self.commit(good.select(self.schema.names).cast(self.schema), self.folder)
         if quarantined.num_rows:
             q = pa.table({c: quarantined[self.quarantine_from.get(c, c)] for c in schema.QUARANTINE.names})
-            self.commit(q.cast(schema.QUARANTINE), QUARANTINE, name)
+            self.commit(q.cast(schema.QUARANTINE), QUARANTINE)
         return {"ok": good.num_rows, "quarantined": quarantined.num_rows, "done": pc.sum(done).as_py() or 0,
                 "retry": pc.sum(retry).as_py() or 0}
 
-    def commit(self, table: pa.Table, folder: str, name: str) -> None:
-        """One part into place, the fence checked right before each try: a lost lease never commits."""
-        def attempt() -> None:
-            if self.fence is not None:
-                self.fence.check()
-            storage.write_table_atomic(table, self.out.join(folder), name)
-
-        retry.with_retries(attempt, attempts=COMMIT_ATTEMPTS)
+    def commit(self, rows: pa.Table, folder: str) -> None:
+        """One part, one commit to the folder's table; a fenced run's commit is refused by the log."""
+        target = table.Table.at(self.out.join(folder))
+        retry.with_retries(lambda: table.append(target, rows, fence=self.fence), attempts=COMMIT_ATTEMPTS)
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
@@ -76,5 +70,5 @@ class SplitSink(Datasink):
                 self.counts[k] += r[k]
 
 
-def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int, fence=None) -> SplitSink:
+def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int, fence: table.Fence) -> SplitSink:
     return SplitSink(out, folder=FEATURES, schema=schema.features(prov), rows_per_file=rows_per_file, fence=fence)

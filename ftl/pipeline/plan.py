@@ -108,11 +108,14 @@ def readers_then_actors(images, *, actor: type, actor_kwargs: dict, pre: imaging
 
 
 def write(ds, sink) -> None:
-    """Run the plan into `sink`; a write task that Ray retries rewrites its own part (ftl.io.sink)."""
+    """Run the plan into `sink`; a write task that Ray retries finds its own commit and adds nothing (ftl.io.sink)."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            ds.write_datasink(sink, ray_remote_args={"max_retries": TASK_RETRIES})
+            # Write tasks ask for no CPU: they only encode and commit a part, and with the default
+            # one CPU they found none free beside the actors and readers on 2 cores, so every part
+            # of a 4.5-minute run was committed in its last 8 s (a killed run kept nothing).
+            ds.write_datasink(sink, ray_remote_args={"max_retries": TASK_RETRIES, "num_cpus": 0})
     except Exception as e:
         ours = next((c for c in causes(e) if isinstance(c, FtlError)), None)  # e.g. a lost lease, said plainly
         if ours is not None:

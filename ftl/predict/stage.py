@@ -1,22 +1,23 @@
-"""Batch prediction: listed images → reader tasks → a pool of the registered model → Parquet.
+"""Batch prediction: listed images → reader tasks → a pool of the registered model → a Delta table.
 
 The plan is extract's (ftl.pipeline.plan), tuned the same way (ftl.pipeline.tuning). Under
 `predict.output`, `predictions/` holds each image's label, probability, top_labels and
 top_probabilities (with its image_id and uri), and `quarantine/` the images that could not be
-read or decoded, with the reason. Images in either folder are skipped: a rerun does only what is new.
+read or decoded, with the reason, both Delta tables. Images in either are skipped: a rerun does only
+what is new, and an image that changed has its old prediction removed before the new one lands.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from ftl import tracking
 from ftl.config import PredictConfig, SourceConfig, StorageConfig
 from ftl.errors import FtlError, SourceError, TrackingError
-from ftl.io import incremental, output
+from ftl.io import incremental, output, schema
 from ftl.io.sink import QUARANTINE, SplitSink
 from ftl.io.storage import locate
 from ftl.pipeline import plan, tuning
@@ -34,11 +35,16 @@ class PredictResult(plan.Tally):
     output: str
     settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
     duplicates: int = 0  # rows of a manifest naming an image already listed
+    superseded: int = 0  # old predictions of images that changed since
+    versions: dict = field(default_factory=dict)  # table folder → its version after this run
 
     def summary(self) -> str:
+        v = {k: f" (version {n})" if n is not None else "" for k, n in self.versions.items()}
         return (f"model {self.model}: {self.tally(ok_as='predicted')}\n"
+                + (f"changed since last run: {self.superseded} (old predictions replaced)\n" if self.superseded else "")
                 + (f"ran on {self.settings}\n" if self.settings else "")
-                + f"predictions: {self.output}/{PREDICTIONS}\nquarantine:  {self.output}/{QUARANTINE}")
+                + f"predictions: {self.output}/{PREDICTIONS}{v.get(PREDICTIONS, '')}\n"
+                + f"quarantine:  {self.output}/{QUARANTINE}{v.get(QUARANTINE, '')}")
 
 
 def load_model(cfg: PredictConfig, tracking_uri: str):
@@ -67,11 +73,14 @@ def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = Stora
     started = time.perf_counter()
     model = load_model(cfg, tracking_uri)
     out = locate(cfg.output, storage.options)
-    listed = list_input(cfg.input, storage.options)  # a bad input fails here, before the output is touched
     identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model}
+    k = min(cfg.top_k, len(model.classes))
+    schemas = {PREDICTIONS: output_schema(k), QUARANTINE: schema.QUARANTINE}
     with output.writing(out, identity=identity, key="model", storage_cfg=storage, what="prediction",
-                        mismatch=mismatch) as held:
+                        mismatch=mismatch, schemas=schemas, description=identity) as held:
+        listed = list_input(cfg.input, storage.options)
         counts = predict_into(out, cfg, model, listed, storage_options=storage.options, fence=held.fence)
+        counts["versions"] = held.versions()
     return PredictResult(model=cfg.model, **counts, seconds=time.perf_counter() - started, output=out.uri)
 
 
@@ -85,9 +94,12 @@ def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *
                  fence) -> dict:
     """The work under the lease: diff, run the plan; returns the counts of the result."""
     images, duplicates = listed
-    todo = incremental.diff(images, out, (PREDICTIONS, QUARANTINE)).todo
+    work = incremental.diff(images, out, (PREDICTIONS, QUARANTINE))
+    incremental.supersede(out, work.superseded, fence=fence)
+    todo = work.todo
     counts = {"listed": images.num_rows, "already_done": images.num_rows - todo.num_rows, "ok": 0,
-              "quarantined": 0, "retry": 0, "duplicates": duplicates, "settings": ""}
+              "quarantined": 0, "retry": 0, "duplicates": duplicates, "settings": "",
+              "superseded": work.superseded_rows}
     if not todo.num_rows:
         return counts
     ensure_ray()

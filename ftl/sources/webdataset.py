@@ -72,14 +72,12 @@ def superseded(out: storage.Location, todo: pa.Table, folders: tuple[str, ...]) 
     versions = dict(zip(todo["uri"].to_pylist(), todo["version"].to_pylist()))
     stale: dict[str, set[str]] = {}
     for folder in folders:
-        for part in storage.list_parquet(out.join(folder)):
-            with out.fs.open(part, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(incremental.BATCH_ROWS, columns=["image_id", "uri"]):
-                    shard = pc.replace_substring_regex(batch.column("uri"), "#[^#]*$", "")
-                    rows = batch.filter(pc.is_in(shard, value_set=todo["uri"]))  # vectorised: most rows go here
-                    for image_id, uri in zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()):
-                        if listing.image_id(uri, versions[uri.rpartition("#")[0]]) != image_id:
-                            stale.setdefault(part, set()).add(image_id)
+        for batch in incremental.committed(out, folder, ["image_id", "uri"]):
+            shard = pc.replace_substring_regex(batch.column("uri"), "#[^#]*$", "")
+            rows = batch.filter(pc.is_in(shard, value_set=todo["uri"]))  # vectorised: most rows go here
+            for image_id, uri in zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()):
+                if listing.image_id(uri, versions[uri.rpartition("#")[0]]) != image_id:
+                    stale.setdefault(folder, set()).add(image_id)
     return stale
 
 
@@ -87,10 +85,8 @@ def done_keys(out: storage.Location, folders: tuple[str, ...]) -> np.ndarray:
     """Sorted 16-byte ids of every committed row, streamed column by column."""
     keys = []
     for folder in folders:
-        for part in storage.list_parquet(out.join(folder)):
-            with out.fs.open(part, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(incremental.BATCH_ROWS, columns=["image_id"]):
-                    keys.append(incremental.id_bytes(batch.column("image_id")))
+        for batch in incremental.committed(out, folder, ["image_id"]):
+            keys.append(incremental.id_bytes(batch.column("image_id")))
     return np.sort(np.concatenate(keys)) if keys else np.array([], dtype="S16")
 
 

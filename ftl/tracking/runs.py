@@ -177,21 +177,26 @@ def log_file(path: str, folder: str | None = None) -> None:
     mlflow.log_artifact(path, folder)
 
 
-def feature_dataset(uri: str, *, name: str, digest: str):
+def feature_dataset(uri: str, *, name: str, digest: str, version: int | None = None):
+    """A Delta table at a version (MLflow's own Delta source), or any other URI as MLflow resolves it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.delta_dataset_source import DeltaDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
+    if version is not None:
+        return MetaDataset(DeltaDatasetSource(path=uri, delta_table_version=version), name=name, digest=digest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": local paths match twice
         source = resolve_dataset_source(uri)
     return MetaDataset(source, name=name, digest=digest)
 
 
-def log_dataset(uri: str, *, name: str, digest: str, context: str, tags: dict | None = None) -> None:
-    """Lineage through mlflow.data: source URI and digest of the feature set."""
+def log_dataset(uri: str, *, name: str, digest: str, context: str, tags: dict | None = None,
+                version: int | None = None) -> None:
+    """Lineage through mlflow.data: the feature table, its version and the digest of the feature set."""
     import mlflow
 
-    mlflow.log_input(feature_dataset(uri, name=name, digest=digest), context=context,
+    mlflow.log_input(feature_dataset(uri, name=name, digest=digest, version=version), context=context,
                      tags={k: str(v) for k, v in (tags or {}).items()})
 
 
@@ -213,8 +218,10 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
                      "quarantined": result.quarantined, "images_per_second": result.images_per_second,
                      "seconds": result.seconds})
         log_text(json.dumps(prov, indent=2, sort_keys=True), "provenance.json")
+        fv = result.versions.get("features")
+        log_metrics({"features_version": fv} if fv is not None else {})
         log_dataset(result.features_uri, name=f"features-{prov['feature_set']}", digest=prov["feature_set"],
-                    context="extracted")
+                    context="extracted", version=fv)
     return run_id
 
 

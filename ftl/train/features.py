@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ftl.config import Workflow
 from ftl.errors import FeatureError
-from ftl.io import schema, storage
+from ftl.io import legacy, schema, storage, table
 
 SPLITS = ("train", "val", "test")
 
@@ -32,13 +32,14 @@ class FeatureData:
     files: list[str] = field(default_factory=list)
     carved: list[str] = field(default_factory=list)  # splits the column lacked, carved from train
     unsplit: int = 0  # rows without a train/val/test value, placed by the hash rule
+    version: int | None = None  # the feature table's version these rows were read at
 
     def rows(self, split: str) -> int:
         return len(self.y[split])
 
     @property
     def digest(self) -> str:
-        """Changes whenever the set of files or the feature set changes."""
+        """Changes whenever the table's files (at the version read) or the feature set change."""
         h = hashlib.sha256(self.provenance["feature_set"].encode())
         for f in sorted(self.files):
             h.update(f.encode())
@@ -51,22 +52,31 @@ def uri_of(wf: Workflow) -> str:
     return wf.train.features or storage.locate(wf.extract.output, wf.storage.options).join(schema.FEATURES).uri
 
 
-def check_provenance(loc: storage.Location, parts: list[str]) -> dict:
-    """Every part must hold the same feature set; the error names the fields that differ."""
-    first = None
-    for part in parts:
-        with loc.fs.open(part, "rb") as f:
-            prov = schema.read_provenance(pq.read_schema(f))
-        if first is None:
-            first, first_part = prov, part
-        elif prov["feature_set"] != first["feature_set"]:
-            differ = ", ".join(schema.differences(first, prov)) or "feature_set"
-            raise FeatureError(
-                f"features at {loc.uri} mix feature sets: {first_part} has {first['feature_set']}, "
-                f"{part} has {prov['feature_set']}; they differ in: {differ}. Extract each feature set "
-                f"into its own extract.output and train on one."
-            )
-    return first
+def open_table(uri: str, storage_options: dict | None, *, version: int | None = None):
+    """The feature table at `uri` (at `version`), with errors that say what to run."""
+    loc = storage.locate(uri, storage_options)
+    t = table.Table.at(loc)
+    if not t.exists():
+        if legacy.old_parts(t):
+            raise FeatureError(f"{loc.uri} holds features written by an older ftl as plain Parquet; run `ftl extract` "
+                               f"on its workflow once (nothing new is extracted) to convert it into a table in "
+                               f"place, keeping every row")
+        raise FeatureError(f"no feature table at {loc.uri}; run `ftl extract` first (or set train.features)")
+    try:
+        return t, t.open(version)
+    except Exception as e:
+        if version is None:
+            raise
+        raise FeatureError(f"train.features_version: {loc.uri} has no version {version} ({e}); its versions: "
+                           f"`ftl versions {loc.uri}`") from None
+
+
+def provenance(dt) -> dict:
+    """What the table's rows hold: the description its first run wrote."""
+    prov = json.loads(dt.metadata().description or "{}")
+    if "feature_set" not in prov:
+        raise FeatureError(f"{dt.table_uri} is not an ftl feature table (its description holds no provenance)")
+    return prov
 
 
 def pick_layer(prov: dict, name: str | None, uri: str) -> dict:
@@ -83,16 +93,15 @@ def pick_layer(prov: dict, name: str | None, uri: str) -> dict:
 
 
 def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: float, seed: int = 0,
-         storage_options: dict | None = None) -> FeatureData:
-    """Read the labelled rows of one layer and assign each to train, val or test."""
+         storage_options: dict | None = None, version: int | None = None) -> FeatureData:
+    """Read the labelled rows of one layer (at a table version, or the latest) and assign each to train, val or test."""
     loc = storage.locate(uri, storage_options)
-    parts = storage.list_parquet(loc)
-    if not parts:
-        raise FeatureError(f"no feature Parquet under {loc.uri}; run `ftl extract` first (or set train.features)")
-    prov = check_provenance(loc, parts)
+    _, dt = open_table(uri, storage_options, version=version)
+    prov = provenance(dt)
     chosen = pick_layer(prov, layer, loc.uri)
     columns = ["image_id", "label", "split", chosen["column"]]
-    table = pq.ParquetDataset(parts, filesystem=loc.fs).read(columns=columns)
+    parts = dt.get_add_actions(flatten=True).column("path").to_pylist()
+    table = dt.to_pyarrow_dataset().to_table(columns=columns)
     table = table.filter(pc.is_valid(table["label"]))
     if table.num_rows == 0:
         raise FeatureError(f"features at {loc.uri} have no labelled rows; training needs a label per image")
@@ -103,8 +112,8 @@ def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: flo
     splits = assign_splits(table, labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     x = to_matrix(table[chosen["column"]], chosen["dim"])
     data = FeatureData(uri=loc.uri, provenance=prov, layer=chosen, classes=classes, x={}, y={},
-                       split_source=splits.source, files=[loc.to_uri(p) for p in parts], carved=splits.carved,
-                       unsplit=splits.unsplit)
+                       split_source=splits.source, files=parts, carved=splits.carved, unsplit=splits.unsplit,
+                       version=dt.version())
     for name in SPLITS:
         mask = splits.assigned == name
         data.x[name], data.y[name] = x[mask], labels[mask].astype(np.int64)

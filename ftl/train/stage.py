@@ -54,7 +54,8 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     cfg = wf.train
     started = time.perf_counter()
     data = features.load(features.uri_of(wf), layer=cfg.layer, val_fraction=cfg.val_fraction,
-                         test_fraction=cfg.test_fraction, seed=cfg.seed, storage_options=wf.storage.options)
+                         test_fraction=cfg.test_fraction, seed=cfg.seed, storage_options=wf.storage.options,
+                         version=cfg.features_version)
     warnings = checks.check(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     tracking.setup(wf.tracking, wf.name)
     registered = wf.tracking.registered_model or wf.name
@@ -103,11 +104,13 @@ def log_inputs(wf: Workflow, *, data: features.FeatureData, rows: dict[str, int]
         "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"], "layer": layer["name"],
         "feature_dim": layer["dim"], "features_uri": data.uri, "classes": len(data.classes),
         "rows": rows, "split_source": data.split_source, "extraction_run": extraction_run or "none",
+        "features_version": data.version,
     })
     tracking.log_text(config.to_yaml(wf), "workflow.yaml")
     tracking.log_text("\n".join(data.classes) + "\n", "classes.txt")
     tracking.log_dataset(data.uri, name=f"features-{prov['feature_set']}", digest=data.digest, context="training",
-                         tags={"layer": layer["name"], "rows": sum(rows.values())})
+                         tags={"layer": layer["name"], "rows": sum(rows.values()), "version": data.version},
+                         version=data.version)
 
 
 def fit_head(wf: Workflow, *, data: features.FeatureData, run_name: str) -> fit.Fit:

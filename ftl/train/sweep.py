@@ -149,6 +149,7 @@ def run(wf: Workflow) -> SweepResult:
             prov = result.provenance
             tracking.log_dataset(result.features_uri, name=f"features-{prov['feature_set']}",
                                  digest=prov["feature_set"], context="training",
+                                 version=result.versions.get("features"),
                                  tags={"backbone": prov["backbone"], "layers": ",".join(l["name"] for l in prov["layers"])})
         rows, chosen, warnings = fit_all(wf, extracted)
         with tracking.temp_dir() as tmp:
