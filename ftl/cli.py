@@ -48,7 +48,7 @@ def show(workflow: Workflow, set: Sets = None) -> None:
 
 @app.command()
 def extract(workflow: Workflow, set: Sets = None) -> None:
-    """Extract features of the workflow's images into Parquet."""
+    """Extract features of the workflow's images into a Delta table."""
     from ftl.extract import stage
 
     wf = config.load_workflow(workflow, set or [])
@@ -56,6 +56,24 @@ def extract(workflow: Workflow, set: Sets = None) -> None:
     result = stage.run(wf)
     typer.echo(result.summary())
 
+
+
+@app.command()
+def versions(uri: Annotated[str, typer.Argument(help="an output (extract.output, predict.output) or one of its tables")],
+             limit: Annotated[int, typer.Option(help="newest versions to show per table")] = 20) -> None:
+    """List a table's versions, newest first, with the run that made each (pin one with train.features_version)."""
+    from ftl.io import storage, table
+
+    loc = storage.locate(uri)
+    found = [table.Table.at(loc)] if table.Table.at(loc).exists() else [
+        t for name in ("features", "predictions", "quarantine") if (t := table.Table.at(loc.join(name))).exists()]
+    if not found:
+        raise FtlError(f"no table at {loc.uri} nor under it (features/, predictions/, quarantine/); give "
+                       f"extract.output, predict.output or one of their tables")
+    for t in found:
+        typer.echo(f"{t.loc.uri}")
+        for v in table.history(t, limit=limit):
+            typer.echo(f"  version {v['version']:>4}  {v['time']}  epoch {v['epoch']:>3}  {v['what']:<24} {v['run']}")
 
 
 @app.command()

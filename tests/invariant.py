@@ -1,23 +1,26 @@
 """The exactly-once invariant, checked by every test that writes features.
 
-Every listed image is in exactly one of: features, quarantine, or not done (to be tried by the
-next run); `image_id`s are unique, and `count(*) = count(distinct image_id)` holds in DuckDB.
+Every listed image is in exactly one of the features and quarantine tables (read through their
+Delta logs), or not done (to be tried by the next run); `image_id`s are unique, and `count(*) = count(distinct image_id)` holds in DuckDB.
 """
 
 from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ftl.io import storage
+from ftl.io import storage, table
 
 
 def read_folder(loc: storage.Location, columns=("image_id", "uri")) -> pa.Table:
-    parts = storage.list_parquet(loc)
-    if not parts:
+    """The committed rows of one of the output's tables, through its log (what any engine sees)."""
+    t = table.Table.at(loc)
+    if not t.exists():
+        stray = [p for p in (loc.fs.ls(loc.path, detail=False) if loc.fs.exists(loc.path) else [])
+                 if p.endswith(".parquet")]
+        assert not stray, f"{loc.uri}: Parquet files but no table log"
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pq.ParquetDataset(parts, filesystem=loc.fs).read(columns=list(columns))
+    return t.dataset().to_table(columns=list(columns))
 
 
 def assert_exactly_once(output: str, *, listed=None, not_done: int | None = None,

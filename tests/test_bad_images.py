@@ -18,6 +18,7 @@ from ftl.extract import stage as extract
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import readers
+from tests import tables
 from tests.conftest import write_workflow
 from tests.invariant import assert_exactly_once
 
@@ -166,8 +167,8 @@ def test_bad_images_are_quarantined_and_counted(tmp_path, ray_runtime, capsys, d
     assert "listed 15 = 0 already done + 11 extracted + 4 quarantined" in out
     assert f"decode by {'PIL in CPU tasks' if decode_on == 'cpu' else 'torchvision.io on cpu'}" in out
 
-    feats = pd.read_parquet(tmp_path / "out" / "features")
-    quarantine = pd.read_parquet(tmp_path / "out" / "quarantine")
+    feats = tables.frame(tmp_path / "out" / "features")
+    quarantine = tables.frame(tmp_path / "out" / "quarantine")
     assert sorted(feats["uri"].str.split("/").str[-1]) == sorted([*odd_images(), *(f"plain{i}.png" for i in range(6))])
     assert set(feats["label"]) == {"good"} and set(quarantine["label"]) == {"bad"}
     reasons = dict(zip(quarantine["uri"].str.split("/").str[-1], quarantine["error"]))
@@ -191,8 +192,8 @@ def test_max_error_fraction_fails_after_writing_quarantine(tmp_path, ray_runtime
     assert main(["extract", str(wf)]) == 2
     err = capsys.readouterr().err
     assert "4 of the 15 images this run tried failed (4 quarantined, 0 to retry), over extract.max_error_fraction=0.2" in err
-    assert len(pd.read_parquet(tmp_path / "out" / "quarantine")) == 4
-    assert len(pd.read_parquet(tmp_path / "out" / "features")) == 11
+    assert len(tables.frame(tmp_path / "out" / "quarantine")) == 4
+    assert len(tables.frame(tmp_path / "out" / "features")) == 11
     assert_exactly_once(str(tmp_path / "out"), listed=corpus_uris(tmp_path), not_done=0)
 
 

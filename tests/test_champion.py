@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from ftl.cli import main
 from ftl.errors import TrackingError
 from ftl.tracking import champion
+from tests import tables
 
 
 def test_registered_pair_is_champion_and_predict_takes_it(tmp_path, fmnist, registered_model, mlflow_server, capsys):
@@ -25,7 +25,7 @@ def test_registered_pair_is_champion_and_predict_takes_it(tmp_path, fmnist, regi
     assert main(["predict", "--model", f"models:/{name}@champion", "--input", str(fmnist / "test"),
                  "--output", str(out)]) == 0
     assert f"model models:/{name}@champion: listed 100 = 0 already done + 100 predicted" in capsys.readouterr().out
-    assert len(pd.read_parquet(out / "predictions")) == 100
+    assert len(tables.frame(out / "predictions")) == 100
 
 
 def test_a_version_takes_the_alias_only_with_a_score_at_least_the_champions(registered_model, mlflow_server):

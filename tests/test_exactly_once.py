@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -16,7 +18,7 @@ from ftl import config
 from ftl.cli import main
 from ftl.config import SourceConfig
 from ftl.extract import stage as extract
-from ftl.io import storage
+from ftl.io import storage, table
 from ftl.sources import listing
 from tests.conftest import BUCKET, write_workflow
 from tests.invariant import assert_exactly_once
@@ -88,18 +90,59 @@ def test_a_write_task_that_ray_retries_after_committing_adds_no_row(tmp_path, fm
     spec, prov = extract.plan(wf)
     out = storage.locate(wf.extract.output)
     listed = extract.list_source(wf)
-    sink = DiesAfterCommit(out, folder="features", schema=extract.schema.features(prov), rows_per_file=1000)
     original = extract.feature_sink
-    extract.feature_sink = lambda *a, **k: sink
+    extract.feature_sink = lambda out, prov, *, rows_per_file, fence: DiesAfterCommit(
+        out, folder="features", schema=extract.schema.features(prov), rows_per_file=1000, fence=fence)
+    schemas = {"features": extract.schema.features(prov), "quarantine": extract.schema.QUARANTINE}
     try:
         with extract.output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage,
-                                    what="extraction", mismatch=extract.mismatch) as held:
+                                    what="extraction", mismatch=extract.mismatch, schemas=schemas,
+                                    description=prov) as held:
             counts = extract.extract_into(out, wf, spec, prov, listed, fence=held.fence)
     finally:
         extract.feature_sink = original
     assert marker.exists()  # it did die after committing, and was run again
     assert counts["ok"] == 40
     assert assert_exactly_once(out.uri, listed=listed[0]["uri"].to_pylist(), not_done=0)["features"] == 40
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_writer_stalled_between_its_check_and_its_commit_commits_nothing_after_a_takeover(
+        tmp_path, fmnist, s3_server, ray_runtime, where):
+    """A run's write task is held (by the test hook) after its last check; its driver is frozen, so its
+    lease goes unrenewed; a second run takes over and commits everything. The first commit is refused."""
+    uris = images(fmnist, 24)
+    source, out = str(fmnist), str(tmp_path / "out")
+    if where == "s3":
+        fs = s3fs.S3FileSystem()
+        for u in uris:
+            fs.put_file(u, f"{BUCKET}/stall/{os.path.relpath(u, fmnist)}")
+        source, out = f"s3://{BUCKET}/stall", f"s3://{BUCKET}/stall-out"
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": source, "limit": 24},
+                        extract={"output": out, **EXTRACT, "rows_per_file": 1000}, storage={"lease_ttl": 4})
+    go = tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-m", "ftl.cli", "extract", str(wf)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, table.HOLD_ENV: str(go)})
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(f"{go}.reached"):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)  # frozen, as a VM or a GC pause would freeze it
+        second = extract.run(config.load_workflow(wf))  # watches the unrenewed lease for a ttl, then takes over
+        assert second.ok == 24
+        go.touch()  # the first run's write task goes on with its commit, from its old snapshot
+        time.sleep(3)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    code = first.wait(timeout=120)
+    err = first.communicate()[1]
+    assert code == 2 and "lost the lease" in err and "Traceback" not in err, err
+    features = table.Table.at(storage.locate(out).join("features"))
+    first_epoch = features.epoch() - 1  # the second run fenced the table with the next epoch
+    assert table.committed_by(features, first_epoch) == 0
+    listed = listing.list_images(SourceConfig(uri=source, limit=24))["uri"].to_pylist()
+    assert assert_exactly_once(out, listed=listed, not_done=0)["features"] == 24
 
 
 def test_a_damaged_identity_file_is_rebuilt_from_the_parts(tmp_path, fmnist, ray_runtime):

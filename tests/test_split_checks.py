@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from ftl.cli import main
 from ftl.errors import FeatureError
 from ftl.train import checks, features
+from tests import tables
 from tests.conftest import write_workflow
 
 CLASSES = ["ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt_top"]
@@ -18,9 +18,8 @@ CLASSES = ["ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", 
 
 def subset(src, dst, keep) -> str:
     """A copy of real extracted features with only the rows `keep(table)` selects, provenance kept."""
-    table = pq.read_table(src / "features")
-    (dst / "features").mkdir(parents=True)
-    pq.write_table(table.filter(keep(table)), dst / "features" / "part-00000.parquet")
+    table = tables.read(src / "features")
+    tables.write(dst / "features", table.filter(keep(table)), description=tables.description(src / "features"))
     return str(dst / "features")
 
 

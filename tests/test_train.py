@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ftl.cli import main
-from ftl.io import schema
+from ftl.io import storage, table
 from ftl.model import weights
 from ftl.train import register
+from tests import tables
 from tests.conftest import write_workflow
 
 SCRIPT = """
@@ -124,7 +124,7 @@ def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlfl
     import torch
 
     head = mlflow.pytorch.load_model("models:/fmnist-e2e-head/1")
-    table = pq.read_table(fmnist_features / "features", columns=["uri", "split", "feat_flatten"]).to_pandas()
+    table = tables.read(fmnist_features / "features", columns=["uri", "split", "feat_flatten"]).to_pandas()
     test = table[table["split"] == "test"]
     with torch.no_grad():
         proba = head(torch.from_numpy(np.stack(test["feat_flatten"]).astype(np.float32))).numpy()
@@ -140,18 +140,34 @@ def test_wrong_layer_fails_clearly(tmp_path, fmnist, fmnist_features, capsys):
     assert "train.layer: 'features.99' is not in the features" in err and "extracted layers: flatten" in err
 
 
-def test_mixed_provenance_fails_clearly(tmp_path, fmnist, fmnist_features, capsys):
-    """Parts of two feature sets in one folder: one part re-labelled as max-pooled features."""
-    mixed = tmp_path / "mixed"
-    shutil.copytree(fmnist_features / "features", mixed / "features")
-    part = sorted((mixed / "features").glob("part-*.parquet"))[0]
-    table = pq.read_table(part)
-    prov = schema.read_provenance(table.schema)
-    prov["layers"][0]["pooling"] = "max"
-    prov["feature_set"] = schema.feature_set_id(prov)
-    extra = mixed / "features" / "part-other.parquet"
-    pq.write_table(table.replace_schema_metadata({schema.METADATA_KEY: json.dumps(prov).encode()}), extra)
-    wf = workflow(tmp_path, fmnist, fmnist_features, name="mixed", features=str(mixed / "features"))
+def test_training_reads_the_feature_table_at_a_pinned_version(tmp_path, fmnist, fmnist_features, capsys):
+    """train.features_version: the rows of that version, whatever was committed since."""
+    from ftl.train import features
+
+    grown = tmp_path / "grown" / "features"
+    first = tables.read(fmnist_features / "features")
+    tables.write(grown, first.slice(0, 200), description=tables.description(fmnist_features / "features"))
+    v1 = tables.version(grown)
+    t = table.Table.at(storage.locate(str(grown)))
+    table.append(t, first.slice(200), fence=table.Fence(1, run="test"))  # a later run's rows
+    load = lambda version: features.load(str(grown), layer=None, val_fraction=0.1, test_fraction=0.2,  # noqa: E731
+                                         version=version)
+    pinned, latest = load(v1), load(None)
+    assert sum(pinned.rows(s) for s in features.SPLITS) == 200 and pinned.version == v1
+    assert sum(latest.rows(s) for s in features.SPLITS) == first.num_rows and latest.version == v1 + 1
+    assert pinned.digest != latest.digest  # a head trained on either is keyed by what it read
+
+    wf = workflow(tmp_path, fmnist, fmnist_features, name="pinned", features=str(grown))
+    assert main(["train", str(wf), "--set", "train.features_version=99"]) == 2
+    err = capsys.readouterr().err
+    assert "train.features_version" in err and "has no version 99" in err and "ftl versions" in err
+
+
+def test_features_of_an_older_ftl_are_refused_saying_how_to_convert(tmp_path, fmnist, fmnist_features, capsys):
+    old = tmp_path / "old" / "features"
+    old.mkdir(parents=True)
+    pq.write_table(tables.read(fmnist_features / "features"), old / "part-0123456789abcdef0123456789abcdef.parquet")
+    wf = workflow(tmp_path, fmnist, fmnist_features, name="old", features=str(old))
     assert main(["train", str(wf)]) == 2
     err = capsys.readouterr().err
-    assert "mix feature sets" in err and "differ in: layers" in err and "part-other.parquet" in err
+    assert "written by an older ftl as plain Parquet" in err and "ftl extract" in err

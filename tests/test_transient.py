@@ -18,6 +18,7 @@ from PIL import UnidentifiedImageError
 from ftl.io import retry, schema
 from ftl.model import imaging
 from ftl.pipeline import readers
+from tests import tables
 
 
 class FlakyFS(MemoryFileSystem):
@@ -107,7 +108,7 @@ def test_a_commit_rides_out_a_passing_storage_failure(tmp_path, monkeypatch):
     s = sink.SplitSink(out, folder="features", schema=pa.schema([("image_id", pa.string()), ("x", pa.float64())]),
                        rows_per_file=2)
     assert s.write([pa.table(cols)], None)["ok"] == 2
-    landed = pq.read_table(tmp_path / "out" / "features")
+    landed = tables.read(tmp_path / "out" / "features")
     assert sorted(landed["image_id"].to_pylist()) == ["a", "b"] and sum(calls.values()) == 3
     # A failure that does not pass is not retried: it fails the task at once.
     calls.clear()

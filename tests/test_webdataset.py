@@ -15,6 +15,7 @@ import s3fs
 
 from ftl import config
 from ftl.extract import stage as extract
+from tests import tables
 from tests.conftest import BUCKET, write_workflow
 from tests.invariant import assert_exactly_once
 
@@ -51,13 +52,13 @@ def test_webdataset_shards_incrementally(tmp_path, fmnist, s3_server, ray_runtim
     result = extract.run(config.load_workflow(wf))
     assert (result.listed, result.already_done, result.ok, result.quarantined) == (21, 0, 20, 1)
 
-    feats = pd.read_parquet(f"{out}/features")
+    feats = tables.frame(f"{out}/features")
     assert len(feats) == 20 and feats["image_id"].is_unique
     assert sorted(feats["uri"].str.split("#").str[1]) == sorted(p.stem for p in files[:20])
     label_of = {p.stem: p.parent.name for p in files}
     assert (feats["label"] == feats["uri"].str.split("#").str[1].map(label_of)).all()
     assert set(feats["split"]) == {"train"}
-    quarantine = pd.read_parquet(f"{out}/quarantine")
+    quarantine = tables.frame(f"{out}/quarantine")
     assert list(quarantine["uri"].str.split("#").str[1]) == ["broken"]
 
     # A new shard: the finished ones are not even opened, only the new images are extracted.
@@ -68,7 +69,7 @@ def test_webdataset_shards_incrementally(tmp_path, fmnist, s3_server, ray_runtim
         (tmp_path / "shard-00002.tar").rename(shards / "shard-00002.tar")
     again = extract.run(config.load_workflow(wf))
     assert (again.shards_skipped, again.listed, again.ok, again.quarantined) == (2, 6, 6, 0)
-    assert len(pd.read_parquet(f"{out}/features")) == 26
+    assert len(tables.frame(f"{out}/features")) == 26
     assert extract.run(config.load_workflow(wf)).shards_skipped == 3
 
 
@@ -82,7 +83,7 @@ def test_images_done_inside_an_unfinished_shard_are_skipped(tmp_path, fmnist, ra
     (tmp_path / "out" / "_shards.parquet").unlink()  # as if the run died before recording the shard
     again = extract.run(config.load_workflow(wf))
     assert (again.listed, again.already_done, again.ok) == (10, 10, 0)
-    assert pq.read_table(tmp_path / "out" / "features").num_rows == 10
+    assert tables.read(tmp_path / "out" / "features").num_rows == 10
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -131,7 +132,7 @@ def test_only_wanted_members_are_read_and_a_bad_label_quarantines_its_sample(tmp
                         extract={"output": str(tmp_path / "out"), "weights": "random", "max_error_fraction": 0.5})
     result = extract.run(config.load_workflow(wf))
     assert (result.ok, result.quarantined) == (3, 1)
-    q = pd.read_parquet(tmp_path / "out" / "quarantine")
+    q = tables.frame(tmp_path / "out" / "quarantine")
     assert q["error"].str.contains("label member .cls is not UTF-8").all()
     assert_exactly_once(str(tmp_path / "out"), listed=[f"{tmp_path / 'shards'}/s.tar#{p.stem}" for p in files])
 

@@ -34,9 +34,11 @@ LOG = "_delta_log"
 COMMIT_ATTEMPTS = 50
 # Deleting superseded rows: ids per predicate, so that a predicate stays a few hundred KB.
 DELETE_CHUNK = 5_000
-# Test hook: a write task that finds this file's name in the environment waits, between its last
-# check and its commit, until the file exists (deterministic stalled-writer tests).
+# Test hooks for deterministic stalled-writer tests, called between a commit's last check and the
+# commit itself: a write task that finds HOLD_ENV set waits until that file exists (it creates
+# `<file>.reached` first); in one process, `before_commit` may be set to any callable.
 HOLD_ENV = "FTL_HOLD_BEFORE_COMMIT"
+before_commit = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def write_file(table: Table, rows: pa.Table, *, name: str):
 
 
 def hold_for_test() -> None:
+    if before_commit is not None:
+        before_commit()
     release = os.environ.get(HOLD_ENV)
     if not release:
         return
@@ -237,9 +241,36 @@ def delete(table: Table, ids: list[str], *, fence: Fence) -> int:
     return removed
 
 
-def committed_by(table: Table, epoch: int) -> int:
+def committed_by(t: Table, epoch: int) -> int:
     """Rows the run of `epoch` added to the table (from its commits' metadata)."""
-    if not table.exists():
+    if not t.exists():
         return 0
-    return sum(max(int(h.get("ftl.rows", 0)), 0) for h in table.open().history()
-               if h.get("ftl.epoch") == str(epoch))
+    return sum(max(int(h.get("ftl.rows", 0)), 0) for h in commits(t) if h.get("ftl.epoch") == str(epoch))
+
+
+def commits(t: Table, *, limit: int | None = None) -> list[dict]:
+    """The commitInfo of each log entry, newest first, read as files: deltalake's own `history()` holds
+    the GIL through its requests, which starves an S3 server that lives in the same process."""
+    log = t.loc.join(LOG)
+    entries = sorted((p for p in t.loc.fs.ls(log.path, detail=False) if p.endswith(".json")), reverse=True)
+    out = []
+    for path in entries[:limit]:
+        for line in t.loc.fs.cat_file(path).decode().splitlines():
+            action = json.loads(line) if line.strip() else {}
+            if "commitInfo" in action:
+                out.append({**action["commitInfo"], "version": int(posixpath.basename(path).split(".")[0])})
+    return out
+
+
+def history(t: Table, *, limit: int | None = None) -> list[dict]:
+    """The table's versions, newest first: when, what, rows, and which run (epoch, holder) made each."""
+    out = []
+    for h in commits(t, limit=limit):
+        rows = int(h.get("ftl.rows", 0) or 0)
+        what = {"CREATE TABLE": "created", "DELETE": "removed superseded rows"}.get(h.get("operation"), "")
+        if not what:
+            what = "converted from Parquet" if "ftl.converted" in h else f"{rows} rows" if rows > 0 else "fence"
+        out.append({"version": h.get("version"), "time": time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(h.get("timestamp", 0) / 1000)), "what": what,
+            "epoch": h.get("ftl.epoch", "-"), "run": h.get("ftl.run", "")})
+    return out
