@@ -6,7 +6,6 @@ import io
 import warnings
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 from PIL import Image

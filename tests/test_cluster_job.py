@@ -15,10 +15,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from ftl import datasets
+from tests import tables
 from tests.cluster import Head
 from tests.sessions import session_members
 from tests.conftest import write_workflow
@@ -77,9 +77,9 @@ def test_ftl_run_as_a_ray_job(tmp_path, ray_head):
     assert "Connecting to existing Ray cluster" in logs.stdout  # ftl joined the head, not a local runtime
     assert re.search(r"head model:\s+models:/cluster-job-head/1", logs.stdout), logs.stdout[-4000:]
 
-    parts = sorted(output.rglob("features/part-*.parquet"))
-    assert parts, f"no features Parquet under {output}"
-    table = pq.read_table(parts)
+    found = sorted(output.rglob("features/_delta_log"))
+    assert len(found) == 1, f"not one feature table under {output}: {found}"
+    table = tables.read(found[0].parent)
     assert table.num_rows == 80
     assert len(set(table.column("image_id").to_pylist())) == 80
     assert table.column("uri").to_pylist()[0].startswith(str(data))

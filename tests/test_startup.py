@@ -8,8 +8,8 @@ import sys
 import time
 
 import psutil
-import pyarrow.parquet as pq
 
+from tests import tables
 from tests.conftest import write_workflow
 from tests.sessions import running, session_processes
 
@@ -67,7 +67,7 @@ def test_a_local_run_takes_its_ray_runtime_with_it(tmp_path, fmnist):
     assert proc.returncode == 0, err[-3000:]
     assert "listed 48 = 0 already done + 48 extracted + 0 quarantined" in out
     assert "features:" in out.splitlines()[-3]  # the summary's last lines came through whole
-    rows = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out" / "features").glob("*.parquet"))
+    rows = tables.read(tmp_path / "out" / "features").num_rows
     assert rows == 48
     deadline = time.monotonic() + 5  # SIGKILLed processes are gone at once; reaping by init may lag a little
     while (left := live(proc.pid)) and time.monotonic() < deadline:

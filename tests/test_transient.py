@@ -87,37 +87,37 @@ def test_reads_retry_passing_errors_then_leave_them_for_the_next_run(flaky):
 
 
 def test_a_commit_rides_out_a_passing_storage_failure(tmp_path, monkeypatch):
-    """The sink's commit fails twice the way an unreachable endpoint does, then lands once, in its place."""
-    import pyarrow.parquet as pq
-
-    from ftl.io import sink, storage
+    """The sink's commit fails twice the way an unreachable endpoint does, then lands once, in its table."""
+    from ftl.io import sink, storage, table
 
     monkeypatch.setattr(retry, "backoff", lambda attempt: 0.0)
-    real, calls = storage.write_table_atomic, Counter()
+    real, calls = table.append, Counter()
 
-    def unreachable_twice(table, where, name):
-        calls[name] += 1
-        if calls[name] <= 2:
+    def unreachable_twice(target, rows, *, fence):
+        calls[target.loc.path] += 1
+        if calls[target.loc.path] <= 2:
             raise OSError(errno.ECONNREFUSED, "Connection refused")
-        return real(table, where, name)
+        return real(target, rows, fence=fence)
 
-    monkeypatch.setattr(storage, "write_table_atomic", unreachable_twice)
+    monkeypatch.setattr(table, "append", unreachable_twice)
     out = storage.locate(str(tmp_path / "out"))
+    rows_schema = pa.schema([("image_id", pa.string()), ("x", pa.float64())])
+    fence = table.Fence(1)
+    table.fence(table.Table.at(out.join("features")), schema=rows_schema, description={}, fence=fence)
     cols = {"image_id": ["a", "b"], "uri": ["/a.png", "/b.png"], "error": [schema.ERROR_NONE] * 2,
             "stage": ["", ""], "x": [1.0, 2.0]}
-    s = sink.SplitSink(out, folder="features", schema=pa.schema([("image_id", pa.string()), ("x", pa.float64())]),
-                       rows_per_file=2)
+    s = sink.SplitSink(out, folder="features", schema=rows_schema, rows_per_file=2, fence=fence)
     assert s.write([pa.table(cols)], None)["ok"] == 2
     landed = tables.read(tmp_path / "out" / "features")
     assert sorted(landed["image_id"].to_pylist()) == ["a", "b"] and sum(calls.values()) == 3
     # A failure that does not pass is not retried: it fails the task at once.
     calls.clear()
 
-    def mismatch(table, where, name):
-        calls[name] += 1
+    def mismatch(target, rows, *, fence):
+        calls[target.loc.path] += 1
         raise ValueError("schema mismatch")
 
-    monkeypatch.setattr(storage, "write_table_atomic", mismatch)
+    monkeypatch.setattr(table, "append", mismatch)
     with pytest.raises(ValueError):
         s.write([pa.table(cols)], None)
     assert sum(calls.values()) == 1

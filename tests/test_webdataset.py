@@ -8,8 +8,6 @@ import os
 import tarfile
 import time
 
-import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
