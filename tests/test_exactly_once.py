@@ -129,7 +129,8 @@ def test_a_writer_stalled_between_its_check_and_its_commit_commits_nothing_after
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.1)
         os.kill(first.pid, signal.SIGSTOP)  # frozen, as a VM or a GC pause would freeze it
-        second = extract.run(config.load_workflow(wf))  # watches the unrenewed lease for a ttl, then takes over
+        # Told to wait, it watches the unrenewed lease for a ttl, then takes over.
+        second = extract.run(config.load_workflow(wf, ["storage.lease_wait=60"]))
         assert second.ok == 24
         go.touch()  # the first run's write task goes on with its commit, from its old snapshot
         time.sleep(3)
