@@ -183,6 +183,8 @@ def hold(out: storage.Location, *, ttl: float = 60.0, wait: float = 0.0, what: s
         if other and not extended and time.time() - other.get("renewed", 0) > ttl:
             deadline, extended = max(deadline, time.monotonic() + ttl + poll(ttl)), True
         left = deadline - time.monotonic()
+        if left <= -ttl:  # the record keeps vanishing or being replaced under us: say who, if anyone
+            other = other or {"holder": {"unknown": "a run that keeps replacing the lease"}}
         if left <= 0 and other:
             raise LeaseHeld(
                 f"{out.uri} is being written by another {what}: {describe(other)}. Wait for it to finish, or "

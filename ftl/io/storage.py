@@ -115,26 +115,9 @@ def stage_table(table: pa.Table, root: Location) -> str:
     return path
 
 
-def write_table_atomic(table: pa.Table, folder: Location, name: str) -> str:
-    """Stage beside `folder`, then rename into it, so readers never see half a file."""
-    root = Location(folder.fs, posixpath.dirname(folder.path))
-    staged = stage_table(table, root)
-    folder.fs.makedirs(folder.path, exist_ok=True)
-    final = posixpath.join(folder.path, name)
-    folder.fs.mv(staged, final)
-    return final
-
-
 def part_name(ids: pa.Array | pa.ChunkedArray) -> str:
     """A part's name from the image ids it holds: the same rows always make the same name."""
     digest = hashlib.blake2b(digest_size=16)
     for image_id in sorted(ids.to_pylist()):
         digest.update(image_id.encode() + b"\n")
     return f"part-{digest.hexdigest()}.parquet"
-
-
-def list_parquet(loc: Location) -> list[str]:
-    """Committed Parquet parts under a folder."""
-    if not loc.fs.exists(loc.path):
-        return []
-    return sorted(p for p in loc.fs.find(loc.path) if p.endswith(".parquet"))
