@@ -134,6 +134,9 @@ def test_a_writer_stalled_between_its_check_and_its_commit_commits_nothing_after
         assert second.ok == 24
         go.touch()  # the first run's write task goes on with its commit, from its old snapshot
         time.sleep(3)
+    except BaseException:
+        first.kill()  # a failed test leaves no frozen run behind
+        raise
     finally:
         os.kill(first.pid, signal.SIGCONT)
     code = first.wait(timeout=120)

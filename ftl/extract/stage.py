@@ -112,6 +112,7 @@ def run(wf: Workflow) -> ExtractResult:
     started = time.perf_counter()
     spec, prov = plan(wf)
     out = storage.locate(cfg.output, wf.storage.options)
+    listing.check_exists(wf.source, storage_options=wf.storage.options)  # before the output is touched
     schemas = {FEATURES: schema.features(prov), QUARANTINE: schema.QUARANTINE}
     # The lease comes before the listing: a run learns at once that another holds the output.
     with output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage, what="extraction",

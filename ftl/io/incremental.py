@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ftl.io import storage, table
+from ftl.io import retry, storage, table
 
 BATCH_ROWS = 65_536
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -108,4 +108,5 @@ def supersede(out: storage.Location, stale: dict[str, set[str]], *, fence: table
     A crash after the removal leaves those images missing, never doubled: the next run extracts them.
     """
     for folder, ids in stale.items():
-        table.delete(table.Table.at(out.join(folder)), sorted(ids), fence=fence)
+        t = table.Table.at(out.join(folder))
+        retry.with_retries(lambda: table.delete(t, sorted(ids), fence=fence), attempts=retry.OUTAGE_ATTEMPTS)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ftl.config import StorageConfig
-from ftl.io import lease, legacy, storage, table
+from ftl.io import lease, legacy, retry, storage, table
 from ftl.io.lease_store import store_for
 
 IDENTITY_FILE = "_ftl.json"
@@ -54,12 +54,13 @@ def writing(out: storage.Location, *, identity: dict, key: str, storage_cfg: Sto
             out.fs.rm(staging.path, recursive=True)
         tables = {name: table.Table.at(out.join(name)) for name in schemas}
         epoch = max([held.epoch] + [t.epoch() + 1 for t in tables.values()])
-        fence = table.Fence(epoch, run=lease.describe(held.record))
+        fence = table.Fence(epoch, run=f"{lease.describe(held.record)} [{held.record['token'][:8]}]")
         fenced = {}
         for name, t in tables.items():
             converted = legacy.convert(t, schema=schemas[name], description=description, fence=fence)
-            fenced[name] = converted if converted is not None else table.fence(
-                t, schema=schemas[name], description=description, fence=fence)
+            # Retried through a short storage outage, as commits are: a fence is idempotent until it lands.
+            fenced[name] = converted if converted is not None else retry.with_retries(lambda: table.fence(
+                t, schema=schemas[name], description=description, fence=fence), attempts=retry.OUTAGE_ATTEMPTS)
         writing = Writing(held, fence, tables, fenced)
         try:
             yield writing

@@ -133,11 +133,13 @@ def fence(table: Table, *, schema: pa.Schema, description: dict, fence: Fence) -
                     table.loc.path), description=json.dumps(description, sort_keys=True),
                     storage_options=table.options or None, commit_properties=props)
                 return 0
-            except Exception as e:  # another run created it first: fence it like any table
+            except Exception:  # another run created it first: fence it like any table
                 if not table.exists():
-                    raise FtlError(f"could not create the table {table.loc.uri}: {e}") from e
+                    raise
                 continue
         dt = table.open()
+        if landed(table, dt, fence):  # an earlier try landed, though its answer was lost
+            return dt.version()
         check(table, dt, fence, newer_only=True)
         try:
             dt.create_write_transaction([], mode="append", schema=dt.schema(), commit_properties=props)
@@ -145,6 +147,14 @@ def fence(table: Table, *, schema: pa.Schema, description: dict, fence: Fence) -
         except CommitFailedError:
             continue
     raise FtlError(f"could not fence {table.loc.uri}: every commit lost a race ({COMMIT_ATTEMPTS} attempts)")
+
+
+def landed(table: Table, dt, fence: Fence) -> bool:
+    """This run's own fence is already in the log (the epoch is ours, and so is the run that wrote it)."""
+    if (dt.transaction_version(APP_ID) or 0) != fence.epoch or not fence.run:
+        return False
+    return any(c.get("ftl.epoch") == str(fence.epoch) and c.get("ftl.run") == fence.run
+               for c in commits(table, limit=20))
 
 
 def check(table: Table, dt, fence: Fence, *, newer_only: bool = False) -> None:

@@ -57,10 +57,12 @@ def load_model(cfg: PredictConfig, tracking_uri: str):
                             f"or a model folder.") from e
 
 
-def list_input(uri: str, storage_options: dict | None) -> tuple[pa.Table, int]:
+def list_input(uri: str, storage_options: dict | None, *, check_only: bool = False) -> tuple[pa.Table, int] | None:
     """A folder of images, or a manifest by its suffix; and how many duplicate rows it dropped."""
     fmt = "manifest" if uri.endswith((".csv", ".parquet")) else "imagefolder"
     try:
+        if check_only:
+            return listing.check_exists(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
         return listing.list_unique(SourceConfig(uri=uri, format=fmt), storage_options=storage_options)
     except SourceError as e:
         # The listing speaks of a workflow's source; here the images come from predict.input.
@@ -73,6 +75,7 @@ def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = Stora
     started = time.perf_counter()
     model = load_model(cfg, tracking_uri)
     out = locate(cfg.output, storage.options)
+    list_input(cfg.input, storage.options, check_only=True)  # a missing input fails before the output is touched
     identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model}
     k = min(cfg.top_k, len(model.classes))
     schemas = {PREDICTIONS: output_schema(k), QUARANTINE: schema.QUARANTINE}

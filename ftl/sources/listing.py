@@ -38,6 +38,13 @@ def version_of(info: dict) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
+def check_exists(cfg: SourceConfig, *, storage_options: dict | None = None) -> None:
+    """One stat of the source's root, so that a missing source fails before the output's lease is taken."""
+    loc = storage.locate(cfg.uri, storage_options)
+    if not loc.fs.exists(loc.path):
+        raise SourceError(f"source.uri {loc.uri} does not exist")
+
+
 def list_images(cfg: SourceConfig, *, storage_options: dict | None = None) -> pa.Table:
     """All images of the source, sorted by URI, one row per URI, as a LISTING table."""
     return list_unique(cfg, storage_options=storage_options)[0]
