@@ -32,8 +32,8 @@ PIXELS, CUT = "pixels", "cut"
 def split_rows(uri: str, *, train: TrainConfig, shuffle_seed: int, storage_options: dict | None) -> dict[str, pa.Table]:
     """The labelled rows of the features at `uri` per split, as the probe saw them; train rows in a seeded order."""
     _, dt = features.open_table(uri, storage_options)
-    # In id order: the order in which parts were committed must not change what is trained.
-    rows = dt.to_pyarrow_dataset().to_table(columns=list(schema.PASSTHROUGH)).sort_by("image_id")
+    # In listing (URI) order: the order in which parts were committed must not change what is trained.
+    rows = dt.to_pyarrow_dataset().to_table(columns=list(schema.PASSTHROUGH)).sort_by("uri")
     rows = rows.filter(pc.is_valid(rows["label"]))
     names = np.array(sorted(pc.unique(rows["label"]).to_pylist()), dtype=object)
     index = np.searchsorted(names, np.array(rows["label"].to_pylist(), dtype=object))

@@ -101,8 +101,8 @@ def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: flo
     chosen = pick_layer(prov, layer, loc.uri)
     columns = ["image_id", "label", "split", chosen["column"]]
     parts = dt.get_add_actions(flatten=True).column("path").to_pylist()
-    # In id order: the order in which parts were committed must not change what is trained.
-    table = dt.to_pyarrow_dataset().to_table(columns=columns).sort_by("image_id")
+    # In listing (URI) order: the order in which parts were committed must not change what is trained.
+    table = dt.to_pyarrow_dataset().to_table(columns=columns + ["uri"]).sort_by("uri").select(columns)
     table = table.filter(pc.is_valid(table["label"]))
     if table.num_rows == 0:
         raise FeatureError(f"features at {loc.uri} have no labelled rows; training needs a label per image")
