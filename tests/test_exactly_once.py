@@ -30,6 +30,16 @@ def images(fmnist, n: int) -> list[str]:
     return sorted(str(p) for p in fmnist.rglob("*.png"))[:n]
 
 
+def source_and_output(fmnist, tmp_path, where: str, name: str, n: int) -> tuple[str, str]:
+    """The first n images as a source, locally or copied to the S3 server, and an output beside them."""
+    if where == "local":
+        return str(fmnist), str(tmp_path / "out")
+    fs = s3fs.S3FileSystem()
+    for u in images(fmnist, n):
+        fs.put_file(u, f"{BUCKET}/{name}/{os.path.relpath(u, fmnist)}")
+    return f"s3://{BUCKET}/{name}", f"s3://{BUCKET}/{name}-out"
+
+
 def test_a_manifest_naming_an_image_twice_extracts_it_once(tmp_path, fmnist, ray_runtime, capsys):
     uris = images(fmnist, 20)
     manifest = tmp_path / "m.csv"
@@ -46,13 +56,7 @@ def test_a_manifest_naming_an_image_twice_extracts_it_once(tmp_path, fmnist, ray
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_runs_at_once_one_writes_the_other_is_refused(tmp_path, fmnist, s3_server, ray_runtime, where):
-    uris = images(fmnist, 48)
-    source, out = str(fmnist), str(tmp_path / "out")
-    if where == "s3":
-        fs = s3fs.S3FileSystem()
-        for u in uris:
-            fs.put_file(u, f"{BUCKET}/twice/{os.path.relpath(u, fmnist)}")
-        source, out = f"s3://{BUCKET}/twice", f"s3://{BUCKET}/twice-out"
+    source, out = source_and_output(fmnist, tmp_path, where, "twice", 48)
     wf = write_workflow(tmp_path / "wf.yaml", source={"uri": source, "limit": 48},
                         extract={"output": out, **EXTRACT}, storage={"lease_ttl": 10})
     # Started together, as a nightly run and a manual rerun would: the first to take the lease writes.
@@ -111,13 +115,7 @@ def test_a_writer_stalled_between_its_check_and_its_commit_commits_nothing_after
         tmp_path, fmnist, s3_server, ray_runtime, where):
     """A run's write task is held (by the test hook) after its last check; its driver is frozen, so its
     lease goes unrenewed; a second run takes over and commits everything. The first commit is refused."""
-    uris = images(fmnist, 24)
-    source, out = str(fmnist), str(tmp_path / "out")
-    if where == "s3":
-        fs = s3fs.S3FileSystem()
-        for u in uris:
-            fs.put_file(u, f"{BUCKET}/stall/{os.path.relpath(u, fmnist)}")
-        source, out = f"s3://{BUCKET}/stall", f"s3://{BUCKET}/stall-out"
+    source, out = source_and_output(fmnist, tmp_path, where, "stall", 24)
     wf = write_workflow(tmp_path / "wf.yaml", source={"uri": source, "limit": 24},
                         extract={"output": out, **EXTRACT, "rows_per_file": 1000}, storage={"lease_ttl": 4})
     go = tmp_path / "go"

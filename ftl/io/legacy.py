@@ -7,24 +7,26 @@ their rows; the next run finds the table and deletes the leftovers without readi
 
 from __future__ import annotations
 
+import posixpath
+import re
+
 import pyarrow.parquet as pq
 
 from ftl.io import storage, table
 
+OLD_NAME = re.compile(r"part-[0-9a-f]+\.parquet")  # an older ftl's part name
+
 
 def old_parts(t: table.Table) -> list[str]:
-    """Parquet files directly in the table's folder that are not data files of its log."""
+    """Parquet files directly in the table's folder that no table wrote: any, without a log; else by their name."""
     loc = t.loc
     if not loc.fs.exists(loc.path):
         return []
-    found = [p for p in loc.fs.ls(loc.path, detail=False) if p.endswith(".parquet")]
+    found = sorted(p for p in loc.fs.ls(loc.path, detail=False) if p.endswith(".parquet"))
     if not found or not t.exists():
-        return sorted(found)
-    logged = set(t.open().get_add_actions(flatten=True).column("path").to_pylist())
-    import posixpath
-
-    return sorted(p for p in found if posixpath.basename(p) not in logged and posixpath.basename(p).startswith(
-        "part-") and "-" not in posixpath.basename(p).removeprefix("part-").removesuffix(".parquet"))
+        return found
+    # The log's own data files never match: their names carry a suffix after the key.
+    return [p for p in found if OLD_NAME.fullmatch(posixpath.basename(p))]
 
 
 def convert(t: table.Table, *, schema, description: dict, fence: table.Fence) -> int | None:

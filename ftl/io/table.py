@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ftl.errors import FtlError
@@ -210,8 +211,6 @@ def write_file(table: Table, rows: pa.Table, *, name: str):
     ids = rows["image_id"]
     stats = {"numRecords": rows.num_rows, "nullCount": {"image_id": 0}}
     if rows.num_rows:
-        import pyarrow.compute as pc
-
         stats |= {"minValues": {"image_id": pc.min(ids).as_py()}, "maxValues": {"image_id": pc.max(ids).as_py()}}
     return AddAction(name, size, {}, int(time.time() * 1000), True, json.dumps(stats))
 
