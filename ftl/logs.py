@@ -61,12 +61,17 @@ def ray_logging_level() -> str:
 class _Drop(logging.Filter):
     """Drops the records that say only what ftl itself chose: its progress line replaces Ray's bars, and its
     training workers take every CPU of a small node on purpose while Ray Data reads arrays that are already
-    in the object store (Ray Data warns of a hang from one look at the free CPUs, and none follows)."""
+    in the object store (Ray Data warns of a hang from one look at the free CPUs, and none follows).
+    A write task refused by a newer run's fence is reported by ftl in one line: Ray's traceback of it goes."""
 
     CHOSEN = ("Progress bars disabled", "tqdm is not installed. Progress bars will be disabled",
               "The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from ftl.io.lease import LeaseLost
+
+        if record.exc_info and isinstance(record.exc_info[1], LeaseLost):
+            return False
         return not any(text in record.getMessage() for text in self.CHOSEN)
 
 

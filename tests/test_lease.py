@@ -175,3 +175,22 @@ def test_a_swap_against_a_stale_etag_is_refused(output):
     assert store.read(path) is not None
     store.delete(path, expected=second)
     assert store.read(path) is None
+
+
+def test_ray_s_log_of_a_write_task_refused_by_the_fence_is_dropped_and_others_kept():
+    """ftl says in one line that a newer run took over; Ray's traceback of the refused task would bury it."""
+    import logging
+
+    from ray.exceptions import RayTaskError
+
+    from ftl import logs
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("ray.data", logging.ERROR, __file__, 1, "An exception was raised from a task of "
+                                 "operator \"Write\".", None, (type(exc), exc, None))
+
+    refused = RayTaskError("Write", "Traceback ...", lease.LeaseLost("fenced by a newer run")).as_instanceof_cause()
+    assert isinstance(refused, lease.LeaseLost)
+    drop = logs._Drop()
+    assert not drop.filter(record(refused))
+    assert drop.filter(record(RayTaskError("Write", "Traceback ...", OSError("disk full")).as_instanceof_cause()))

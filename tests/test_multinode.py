@@ -247,6 +247,7 @@ def test_every_s3_request_of_each_node_is_allowed_by_its_iam_policy(weights_job,
     print(f"\nS3 requests judged: {len(requests)}; by the head: {sorted(judged['head'])}; "
           f"by the workers: {sorted(judged['worker'])}")
     assert not denied, "\n".join(sorted(set(denied))[:30])
-    # Both sides did their part: the workers read images and committed parts, the head held the lease.
-    assert {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= judged["worker"], judged
-    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= judged["head"], judged
+    # Both sides did their part: the workers read images and committed parts, the head held the lease
+    # and fenced the tables. Commits only add log entries: nothing of the output is deleted.
+    assert {"s3:GetObject", "s3:PutObject"} <= judged["worker"], judged
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject"} <= judged["head"], judged
