@@ -115,7 +115,9 @@ def test_finetuning_beats_the_probe_and_serves(tmp_path, quality_data, ray_runti
     with capsys.disabled():  # the numbers, for whoever reads the test's output
         print(f"\ntest accuracy: probe {accuracy['probe']:.4f}, fine-tuned {accuracy['tuned']:.4f}, difference "
               f"{d.mean():.4f}, paired standard error {se:.4f}, margin {d.mean() / se:.1f} SE (n={len(d)})")
-    assert len(d) == 1500 and d.mean() > 5 * se, (d.mean(), se)
+    # Above the probe by 2 paired standard errors: a gain that large arises by chance about 2% of the time
+    # (one-sided z = 2), the margin fine-tuning must clear before it may replace the probe.
+    assert len(d) == 1500 and d.mean() > 2 * se, (d.mean(), se)
     # What the served model says is what the run evaluated: the logged test predictions, image by image.
     logged = pd.read_csv(client.download_artifacts(rid, "evaluation/test_predictions.csv", str(tmp_path)))
     agree = np.mean([tuned[u] == p for u, p in zip(logged["uri"], logged["predicted"])])
