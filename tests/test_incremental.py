@@ -46,10 +46,12 @@ def rows(out) -> pd.DataFrame:
     return tables.frame(out)
 
 
-def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime):
+@pytest.mark.parametrize("how", ["driver", "distributed"])
+def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime, how):
+    """The same run, listed and diffed on the driver or by Ray tasks and joins: the same counts and rows."""
     data = tmp_path / "data"
     copy_images(fmnist, data, 30)
-    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(data)},
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(data), "listing": how},
                         extract={"output": str(tmp_path / "out"), "weights": "random"})
     assert counts(run(wf)) == (30, 0, 30, 0)
     assert counts(run(wf)) == (30, 30, 0, 0)  # nothing new: no backbone work at all
@@ -78,24 +80,25 @@ def test_new_changed_and_removed_images_locally(tmp_path, fmnist, ray_runtime):
     assert_exactly_once(str(tmp_path / "out"))
 
 
-def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime):
+@pytest.mark.parametrize("how", ["driver", "distributed"])
+def test_new_and_changed_images_on_s3(tmp_path, fmnist, s3_server, ray_runtime, how):
     fs = s3fs.S3FileSystem()
     files = sorted(fmnist.rglob("*.png"))
     for p in files[:20]:
-        fs.put_file(str(p), f"{BUCKET}/incr/{p.relative_to(fmnist)}")
-    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": f"s3://{BUCKET}/incr"},
-                        extract={"output": f"s3://{BUCKET}/incr-out", "weights": "random"})
+        fs.put_file(str(p), f"{BUCKET}/incr-{how}/{p.relative_to(fmnist)}")
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": f"s3://{BUCKET}/incr-{how}", "listing": how},
+                        extract={"output": f"s3://{BUCKET}/incr-{how}-out", "weights": "random"})
+    src, out = f"{BUCKET}/incr-{how}", f"s3://{BUCKET}/incr-{how}-out"
     assert counts(run(wf)) == (20, 0, 20, 0)
     for p in files[20:25]:
-        fs.put_file(str(p), f"{BUCKET}/incr/{p.relative_to(fmnist)}")
+        fs.put_file(str(p), f"{src}/{p.relative_to(fmnist)}")
     assert counts(run(wf)) == (25, 20, 5, 0)
-    fs.put_file(str(files[30]), f"{BUCKET}/incr/{files[0].relative_to(fmnist)}")  # new content, new ETag
+    fs.put_file(str(files[30]), f"{src}/{files[0].relative_to(fmnist)}")  # new content, new ETag
     result = run(wf)
     assert counts(result) == (25, 24, 1, 0) and result.superseded == 1
-    table = tables.frame(f"s3://{BUCKET}/incr-out/features")
+    table = tables.frame(f"{out}/features")
     assert len(table) == 25 and table["uri"].is_unique
-    assert_exactly_once(f"s3://{BUCKET}/incr-out", listed=[f"s3://{BUCKET}/incr/{p.relative_to(fmnist)}"
-                                                           for p in files[:25]], not_done=0)
+    assert_exactly_once(out, listed=[f"s3://{src}/{p.relative_to(fmnist)}" for p in files[:25]], not_done=0)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

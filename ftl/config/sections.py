@@ -11,13 +11,19 @@ from ftl.config.base import Strict
 
 class SourceConfig(Strict):
     uri: str
-    format: Literal["imagefolder", "manifest", "webdataset"] = "imagefolder"
+    format: Literal["imagefolder", "manifest", "webdataset", "s3_inventory"] = "imagefolder"
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"]
     limit: int | None = Field(default=None, ge=1, description="a trial run on N images: a deterministic sample "
                               "that keeps every split's and class's share (ftl.sources.sample)")
     # WebDataset: which member holds the image (first found) and which the label.
     image_keys: list[str] = ["jpg", "jpeg", "png", "webp"]
     label_key: str | None = "cls"
+    listing: Literal["auto", "driver", "distributed"] = Field(
+        default="auto", description="distributed: Ray tasks list the source (a task per folder, or per manifest "
+        "file), and the diff against the output is a Ray Data join, so the driver holds counts, not rows. "
+        "auto: distributed for s3_inventory and for a manifest of many files (a folder or a glob)")
+    root: str | None = Field(default=None, description="s3_inventory: the images' folder inside the inventoried "
+                             "bucket (s3://bucket/prefix), laid out as an imagefolder; default: the bucket")
 
 
 class StorageConfig(Strict):

@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass, field
 from ftl.config import ExtractConfig, Workflow
 from ftl.errors import ExtractError
 from ftl.extract.embed import Embedder, ModelSpec, ship
-from ftl.io import incremental, output, schema, storage, table
+from ftl.io import distributed_diff, incremental, output, schema, storage, table
 from ftl.io.sink import FEATURES, QUARANTINE, feature_sink
 from ftl.model import backbones, imaging, weights
 from ftl.pipeline import tuning
 from ftl.pipeline.plan import Tally, blocks, build, write
 from ftl.pipeline.progress import Progress
 from ftl.pipeline.runtime import ensure_ray
-from ftl.sources import listing, webdataset
+from ftl.sources import distributed, listing, webdataset
 
 
 @dataclass
@@ -138,6 +138,8 @@ def list_source(wf: Workflow):
     """The listing and its dropped duplicates, or for WebDataset the shards (their images are listed as read)."""
     if wf.source.format == "webdataset":
         return webdataset.list_shards(wf.source, wf.storage.options)
+    if distributed.wanted(wf.source, wf.storage.options):
+        return distributed.list_source(wf.source, wf.storage.options)
     return listing.list_unique(wf.source, storage_options=wf.storage.options)
 
 
@@ -147,6 +149,8 @@ def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dic
                   superseded=0, gone=0, settings="")
     if wf.source.format == "webdataset":
         images, shards = webdataset_input(wf, out, listed, counts, fence=fence)
+    elif isinstance(listed, distributed.ScaledListing):
+        images, shards = scaled_input(wf, out, listed, counts, fence=fence), None
     else:
         images, shards = listed_input(wf, out, listed, counts, fence=fence), None
     if images is None:
@@ -180,6 +184,18 @@ def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dic
         return None
     ensure_ray()
     return blocks(work.todo, rows=wf.extract.decode_batch_size)
+
+
+def scaled_input(wf: Workflow, out: storage.Location, listed: distributed.ScaledListing, counts: dict, *, fence):
+    """A listing held in the object store: the diff is a Ray Data join, the driver sees counts."""
+    distributed.say(f"diffing {listed.listed:,} listed images against {out.uri}")
+    work = distributed_diff.diff(listed.rows, listed.listed, out, (FEATURES, QUARANTINE))
+    incremental.supersede(out, work.superseded, fence=fence)
+    counts.update(listed=listed.listed, duplicates=listed.duplicates, already_done=work.already_done,
+                  superseded=work.superseded_rows, gone=work.gone)
+    if not work.todo_rows:
+        return None
+    return work.todo.repartition(target_num_rows_per_block=wf.extract.decode_batch_size)
 
 
 def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict, *, fence):

@@ -40,8 +40,11 @@ def version_of(info: dict) -> str:
 
 def check_exists(cfg: SourceConfig, *, storage_options: dict | None = None) -> None:
     """One stat of the source's root, so that a missing source fails before the output's lease is taken."""
+    import glob
+
     loc = storage.locate(cfg.uri, storage_options)
-    if not loc.fs.exists(loc.path):
+    there = loc.fs.glob(loc.path) if glob.has_magic(loc.path) else loc.fs.exists(loc.path)
+    if not there:
         raise SourceError(f"source.uri {loc.uri} does not exist")
 
 
@@ -86,8 +89,14 @@ def imagefolder(root: storage.Location, extensions: list[str]) -> pa.Table:
 
 def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
     """A Parquet or CSV file with a `uri` column and optional `label` and `split` columns."""
-    if not loc.fs.exists(loc.path):
+    import glob
+
+    if not glob.has_magic(loc.path) and not loc.fs.exists(loc.path):
         raise SourceError(f"source.uri {loc.uri} does not exist")
+
+    if glob.has_magic(loc.path) or loc.fs.isdir(loc.path):
+        raise SourceError(f"source.uri {loc.uri} is a folder of manifest files, which Ray tasks read: set "
+                          f"source.listing: auto (or distributed) instead of driver")
     with loc.fs.open(loc.path, "rb") as f:
         table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f)
     if "uri" not in table.column_names:

@@ -59,3 +59,77 @@ def representative(table: pa.Table, limit: int) -> pa.Table:
     position[order] = np.arange(len(order)) - np.repeat(starts, sizes)
     picked = np.flatnonzero(position < share[inverse])
     return table.take(picked)
+
+
+# --- the same, as Ray Data operations over a listing that does not fit on one machine -------------
+
+def group_keys(table: pa.Table) -> np.ndarray:
+    """Each row's (split, label) group, spelled as `representative` spells it."""
+    return np.array([f"{s}\0{lab}" for s, lab in zip(table["split"].to_pylist(), table["label"].to_pylist())],
+                    dtype=object)
+
+
+def uri_ranks(table: pa.Table) -> np.ndarray:
+    """The same order as `representative`'s hex ranks, as unsigned 64-bit integers."""
+    return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big")
+                     for u in table["uri"].to_pylist()], dtype=np.uint64)
+
+
+def unique_uris_dataset(ds, *, partitions: int):
+    """`unique_uris` over a Ray Dataset with an `_order` column: rows are hash-partitioned by URI, so each
+    block holds every row of its URIs and keeps the first (lowest `_order`)."""
+    def first(block: pa.Table) -> pa.Table:
+        if not block.num_rows or pc.count_distinct(block["uri"]).as_py() == block.num_rows:
+            return block
+        order = pc.sort_indices(block, sort_keys=[("uri", "ascending"), ("_order", "ascending")])
+        block = block.take(order)
+        uris = block["uri"].combine_chunks()
+        keep = np.ones(len(uris), dtype=bool)
+        keep[1:] = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1)).to_numpy(zero_copy_only=False)
+        return block.filter(pa.array(keep))
+
+    return ds.repartition(partitions, keys=["uri"]).map_batches(first, batch_size=None, batch_format="pyarrow")
+
+
+def representative_dataset(ds, limit: int):
+    """`representative` over a Ray Dataset, exactly: the group sizes and each block's `limit`-smallest
+    ranks per group reach the driver (at most limit × blocks integers), the rows never do."""
+    def sizes_and_smallest(block: pa.Table) -> pa.Table:
+        keys, ranks = group_keys(block), uri_ranks(block)
+        groups, inverse = (np.unique(keys, return_inverse=True) if len(keys)
+                           else (np.array([], dtype=object), np.array([], dtype=np.int64)))
+        out_g, out_n, out_r = [], [], []
+        for g, name in enumerate(groups):
+            mine = np.sort(ranks[inverse == g])[:limit]
+            out_g.append(name)
+            out_n.append(int((inverse == g).sum()))
+            out_r.append(mine.tolist())
+        return pa.table({"group": pa.array(out_g, pa.string()), "n": pa.array(out_n, pa.int64()),
+                         "ranks": pa.array(out_r, pa.list_(pa.uint64()))})
+
+    parts = ds.map_batches(sizes_and_smallest, batch_size=None, batch_format="pyarrow").take_all()
+    names = sorted({p["group"] for p in parts})
+    index = {n: i for i, n in enumerate(names)}
+    sizes = np.zeros(len(names), dtype=np.int64)
+    smallest: list[list[np.ndarray]] = [[] for _ in names]
+    for p in parts:
+        sizes[index[p["group"]]] += p["n"]
+        smallest[index[p["group"]]].append(np.asarray(p["ranks"], dtype=np.uint64))
+    share = quotas(sizes, limit)
+    # The share-th smallest rank of each group: its rows up to that rank are the sample.
+    cut = {}
+    for name, g in index.items():
+        if share[g]:
+            ranks = np.sort(np.concatenate(smallest[g]))
+            cut[name] = int(ranks[share[g] - 1])
+
+    def pick(block: pa.Table) -> pa.Table:
+        if not block.num_rows:
+            return block
+        keys, ranks = group_keys(block), uri_ranks(block)
+        picked = np.array([k in cut for k in keys], dtype=bool)
+        limits = np.array([cut.get(k, 0) for k in keys], dtype=np.uint64)
+        keep = picked & (ranks <= limits)
+        return block.filter(pa.array(keep))
+
+    return ds.map_batches(pick, batch_size=None, batch_format="pyarrow")
