@@ -15,8 +15,9 @@ import time
 
 
 class Proxy:
-    def __init__(self, target_port: int, *, write_delay: float = 0.0):
-        self.target, self.write_delay = ("127.0.0.1", target_port), write_delay
+    def __init__(self, target_port: int, *, write_delay: float = 0.0, request_delay: float = 0.0):
+        # request_delay: before every request, as a far region's round trip would add
+        self.target, self.write_delay, self.request_delay = ("127.0.0.1", target_port), write_delay, request_delay
         self.lock = threading.Lock()
         self.conns: set[socket.socket] = set()
         self.listener: socket.socket | None = None
@@ -80,6 +81,8 @@ class Proxy:
             while data := src.recv(65536):
                 if upstream and self.write_delay and data.startswith((b"PUT ", b"POST ", b"DELETE ")):
                     time.sleep(self.write_delay)
+                if upstream and self.request_delay and data.startswith((b"GET ", b"HEAD ", b"PUT ", b"POST ")):
+                    time.sleep(self.request_delay)
                 dst.sendall(data)
         except OSError:
             pass

@@ -103,6 +103,9 @@ def test_a_manifest_s_version_columns_are_the_version_no_request_per_object(tmp_
     assert ids == {"s3://far/a.jpg": listing.image_id("s3://far/a.jpg", "etag:e1"),
                    "s3://far/b.jpg": listing.image_id("s3://far/b.jpg", "etag:e2"),
                    "/nowhere/c.jpg": listing.image_id("/nowhere/c.jpg", "size:123:mtime:2026-11-30T00:00:00Z")}
+    # The driver's path reads the same columns: switching paths re-extracts nothing.
+    one = listing.list_images(SourceConfig(uri=str(folder / "a.parquet"), format="manifest"))
+    assert dict(zip(one["uri"].to_pylist(), one["image_id"].to_pylist())) == {u: ids[u] for u in one["uri"].to_pylist()}
 
 
 def test_a_manifest_file_without_a_uri_column_is_named(tmp_path, ray_runtime):

@@ -1,9 +1,9 @@
-"""An imagefolder listed by many Ray tasks at once, one folder per task, the tree fanned out as it is found.
+"""An imagefolder listed many folders at once by Ray actors, the tree fanned out as it is found.
 
 A sequential listing of S3 pages 1,000 keys per request, one request after another: 100M objects
-is 100,000 round trips, hours every night. Here each task lists one folder (one delimiter
+is 100,000 round trips, hours every night. Here each call lists one folder (one delimiter
 listing: its files and its subfolders), keeps its rows in the object store and hands the driver
-only the subfolders, which become tasks in turn. The driver holds folder names and object
+only the subfolders, which become calls in turn, spread over a Lister actor per node. The driver holds folder names and object
 references, never a row per image. A folder of millions of files is still one task's pages.
 """
 
@@ -15,9 +15,11 @@ import pyarrow as pa
 
 from ftl.io import storage
 
-# Listing tasks wait on the network, not the CPU: many share one core.
-TASK_CPUS = 0.0625
-IN_FLIGHT = 64
+# Listings wait on the network, not the CPU: each Lister actor (one process) keeps IN_FLIGHT of
+# them going on threads. A Ray task per folder would cost a worker process per concurrent
+# listing, which on a small node takes longer to start than the listing itself.
+IN_FLIGHT = 32
+MAX_LISTERS = 8
 
 
 def list_folder(root_uri: str, folder: str, extensions: tuple[str, ...], storage_options: dict | None):
@@ -45,17 +47,35 @@ def list_folder(root_uri: str, folder: str, extensions: tuple[str, ...], storage
     return pa.table(rows, schema=listing.LISTING), subfolders
 
 
+class Lister:
+    """Ray actor: lists folders of one root, many at once (threads sharing one filesystem client)."""
+
+    def __init__(self, root_uri: str, extensions: tuple[str, ...], storage_options: dict | None):
+        self.args = (root_uri, extensions, storage_options)
+
+    def folder(self, path: str):
+        root_uri, extensions, storage_options = self.args
+        return list_folder(root_uri, path, extensions, storage_options)
+
+
 def listing_refs(root: storage.Location, extensions: list[str], storage_options: dict | None,
                  progress=None) -> tuple[list, int]:
     """Object references to each folder's rows, and how many folders were listed."""
     import ray
 
-    task = ray.remote(num_cpus=TASK_CPUS, num_returns=2, max_retries=3)(list_folder)
     exts = tuple(e.lower() for e in extensions)
-    waiting, pending, tables, listed = [root.path], {}, [], 0
+    # Parsing a listing page (botocore's XML) costs CPU about as long as the request waits: one
+    # lister per CPU, spread over the nodes, up to MAX_LISTERS.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    actor = ray.remote(num_cpus=0, max_concurrency=IN_FLIGHT, max_restarts=3, max_task_retries=3)(Lister)
+    listers = [actor.options(scheduling_strategy="SPREAD").remote(root.uri, exts, storage_options)
+               for _ in range(max(1, nodes, min(cpus, MAX_LISTERS)))]
+    waiting, pending, tables, listed, turn = [root.path], {}, [], 0, 0
     while waiting or pending:
-        while waiting and len(pending) < IN_FLIGHT:
-            rows, subs = task.remote(root.uri, waiting.pop(), exts, storage_options)
+        while waiting and len(pending) < IN_FLIGHT * len(listers):
+            rows, subs = listers[turn % len(listers)].folder.options(num_returns=2).remote(waiting.pop())
+            turn += 1
             pending[subs] = rows
         [done], _ = ray.wait(list(pending), num_returns=1)
         tables.append(pending.pop(done))
@@ -63,6 +83,8 @@ def listing_refs(root: storage.Location, extensions: list[str], storage_options:
         listed += 1
         if progress is not None:
             progress(listed, len(waiting) + len(pending))
+    for lister in listers:
+        ray.kill(lister, no_restart=True)
     return tables, listed
 
 

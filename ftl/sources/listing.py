@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from ftl.config import SourceConfig
 from ftl.errors import SourceError
 from ftl.io import storage
-from ftl.sources import sample
+from ftl.sources import manifests, sample
 
 # `size` (bytes, when the store reports it) lets readers refuse an oversized object before reading it.
 LISTING = pa.schema(
@@ -104,13 +104,19 @@ def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
     base = loc.join("..")
     base = storage.Location(base.fs, posixpath.normpath(base.path))
     uris = [storage.resolve(base, u) for u in table["uri"].to_pylist()]
-    found = stat_all(uris, storage_options)
+    versions = manifests.version_columns(table)  # the manifest's own ETag/size/mtime columns: no request
+    if versions is None:
+        found = stat_all(uris, storage_options)
+        versions = [found[u]["version"] if u in found else "missing" for u in uris]
+        sizes = [found.get(u, {}).get("size") for u in uris]
+    else:
+        sizes = manifests.column(table, manifests.SIZE, pa.int64())
     columns = {
-        "image_id": [image_id(u, found[u]["version"] if u in found else "missing") for u in uris],
+        "image_id": [image_id(u, v) for u, v in zip(uris, versions)],
         "uri": uris,
         "label": _strings(table, "label"),
         "split": _strings(table, "split"),
-        "size": [found.get(u, {}).get("size") for u in uris],
+        "size": sizes if sizes is not None else pa.nulls(len(uris), pa.int64()),
     }
     return pa.table(columns, schema=LISTING)
 
