@@ -77,3 +77,13 @@ def test_cli_reports_config_errors_with_exit_code(tmp_path, capsys):
     assert main(["show", str(path)]) == 2
     err = capsys.readouterr().err
     assert "extrakt: unknown key" in err and "extract" in err
+
+
+def test_a_listing_that_does_not_fit_the_source_s_format_says_which_does(tmp_path):
+    for source, expected in (({"format": "s3_inventory", "listing": "driver"}, "set source.listing to auto"),
+                             ({"format": "webdataset", "listing": "distributed"}, "listed by its shards"),
+                             ({"root": "s3://bucket/images"}, "source.root is for format: s3_inventory")):
+        path = write_workflow(tmp_path / "wf.yaml", source={"uri": "s3://bucket/x", **source},
+                              extract={"output": "out"})
+        with pytest.raises(config.WorkflowError, match=r"source: .*" + expected):
+            config.load_workflow(path)

@@ -141,12 +141,13 @@ STORAGE_SECRET, TRACKING_SECRET = "sentinel-storage-7Qm2", "sentinel-tracking-9K
 
 @pytest.fixture(scope="module")
 def run_job(cluster, images, mlflow_server, tmp_path_factory):
-    """`ftl run` then `ftl predict` as one job: s3:// weights, credentials in storage.options and in tracking.uri."""
+    """`ftl run` then `ftl predict` as one job: s3:// weights, credentials in storage.options and in tracking.uri;
+    the listing and the diff as Ray operations on the nodes (source.listing: distributed)."""
     torch.manual_seed(4)
     blob = save_safetensors({k: v.contiguous() for k, v in torchvision.models.mobilenet_v2().state_dict().items()})
     s3fs.S3FileSystem().pipe_file(f"{PREFIX.removeprefix('s3://')}/weights/run.safetensors", blob)
     tracking = mlflow_server.replace("http://", f"http://ftl:{TRACKING_SECRET}@")
-    wf = {"source": {"uri": f"{PREFIX}/images"},
+    wf = {"source": {"uri": f"{PREFIX}/images", "listing": "distributed"},
           "storage": {"options": {"key": "testing", "secret": STORAGE_SECRET}},
           "extract": {**SMALL, "output": f"{OUT}/run", "weights": f"{PREFIX}/weights/run.safetensors"},
           "train": {"head": "linear", "optimizer": "lbfgs", "epochs": 3, "workers": 1},
@@ -163,6 +164,9 @@ def test_run_trains_and_predict_serves_on_worker_nodes(cluster, images, run_job,
     info, logs, sha = run_job
     assert info["status"] == "SUCCEEDED", logs[-6000:]
     assert "listed 24 = 0 already done + 24 extracted + 0 quarantined" in logs
+    assert f"listing {PREFIX}/images in parallel" in logs and "listed 24 images (0 duplicate rows dropped)" in logs
+    # The folders were listed by Lister actors on the nodes, not by the driver.
+    assert cluster.actors("Lister"), [a["class_name"] for a in cluster.actors("")]
     assert "head model:  models:/nodes-head/1" in logs and "image model: models:/nodes/1" in logs, logs[-4000:]
     assert "listed 24 = 0 already done + 24 predicted + 0 quarantined" in logs, logs[-4000:]
     assert assert_exactly_once(f"{OUT}/run", listed=images, not_done=0)["features"] == 24

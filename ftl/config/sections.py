@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ftl.config.base import Strict
 
@@ -24,6 +24,16 @@ class SourceConfig(Strict):
         "auto: distributed for s3_inventory and for a manifest of many files (a folder or a glob)")
     root: str | None = Field(default=None, description="s3_inventory: the images' folder inside the inventoried "
                              "bucket (s3://bucket/prefix), laid out as an imagefolder; default: the bucket")
+
+    @model_validator(mode="after")
+    def _listing_fits_format(self):
+        if self.format == "s3_inventory" and self.listing == "driver":
+            raise ValueError("an s3_inventory source is read by Ray tasks: set source.listing to auto or distributed")
+        if self.format == "webdataset" and self.listing == "distributed":
+            raise ValueError("a webdataset source is listed by its shards: set source.listing to auto")
+        if self.root is not None and self.format != "s3_inventory":
+            raise ValueError("source.root is for format: s3_inventory (the images' folder in the inventoried bucket)")
+        return self
 
 
 class StorageConfig(Strict):
