@@ -53,7 +53,7 @@ def list_source(cfg: SourceConfig, storage_options: dict | None) -> ScaledListin
     started = time.perf_counter()
     if cfg.format == "imagefolder":
         root = storage.locate(cfg.uri, storage_options)
-        say(f"listing {root.uri} in parallel (a task per folder)")
+        say(f"listing {root.uri} in parallel (a folder per call, on Lister actors)")
         refs, pieces = fanout.listing_refs(root, cfg.extensions, storage_options)
         import ray.data
 
