@@ -83,7 +83,8 @@ def diff(listing, listed: int, out: storage.Location, folders: tuple[str, ...]) 
                         on=("image_id",)).materialize()
     stale = done.join(listing.select_columns(["image_id"]), "left_anti", num_partitions=n,
                       on=("image_id",)).materialize()
-    result = ScaledDiff(todo=todo, todo_rows=todo.count(), already_done=listed - todo.count())
+    pending = todo.count()
+    result = ScaledDiff(todo=todo, todo_rows=pending, already_done=listed - pending)
     stale_rows = stale.count()
     if not stale_rows:
         return result

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 from ftl.config import SourceConfig
 from ftl.errors import SourceError, WorkflowError
-from ftl.io import storage
+from ftl.io import distributed_diff, storage
 from ftl.sources import fanout, listing, manifests, sample
-
-ROWS_PER_PARTITION = 500_000
 
 
 @dataclass
@@ -67,7 +65,7 @@ def list_source(cfg: SourceConfig, storage_options: dict | None) -> ScaledListin
     duplicates = 0
     rows = raw
     if cfg.format == "manifest" and found:  # a listing of files or an inventory names each object once
-        rows = sample.unique_uris_dataset(raw, partitions=max(1, -(-found // ROWS_PER_PARTITION))).materialize()
+        rows = sample.unique_uris_dataset(raw, partitions=distributed_diff.partitions(found)).materialize()
         duplicates = found - rows.count()
     if cfg.limit and found:
         rows = sample.representative_dataset(rows, cfg.limit).materialize()

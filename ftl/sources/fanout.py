@@ -3,8 +3,9 @@
 A sequential listing of S3 pages 1,000 keys per request, one request after another: 100M objects
 is 100,000 round trips, hours every night. Here each call lists one folder (one delimiter
 listing: its files and its subfolders), keeps its rows in the object store and hands the driver
-only the subfolders, which become calls in turn, spread over a Lister actor per node. The driver holds folder names and object
-references, never a row per image. A folder of millions of files is still one task's pages.
+only the subfolders, which become calls in turn, spread over Lister actors on the nodes. The
+driver holds folder names and object references, never a row per image. A folder of millions
+of files is still one call's pages.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ IN_FLIGHT = 32
 MAX_LISTERS = 8
 
 
-def list_folder(root_uri: str, folder: str, extensions: tuple[str, ...], storage_options: dict | None):
+def list_folder(root: storage.Location, folder: str, extensions: tuple[str, ...]):
     """One folder's images as LISTING rows, and its subfolders (paths)."""
     from ftl.sources import listing
 
-    root = storage.locate(root_uri, storage_options)
     rows = {n: [] for n in listing.LISTING.names}
     subfolders = []
     for info in root.fs.ls(folder, detail=True):
@@ -51,15 +51,13 @@ class Lister:
     """Ray actor: lists folders of one root, many at once (threads sharing one filesystem client)."""
 
     def __init__(self, root_uri: str, extensions: tuple[str, ...], storage_options: dict | None):
-        self.args = (root_uri, extensions, storage_options)
+        self.root, self.extensions = storage.locate(root_uri, storage_options), extensions
 
     def folder(self, path: str):
-        root_uri, extensions, storage_options = self.args
-        return list_folder(root_uri, path, extensions, storage_options)
+        return list_folder(self.root, path, self.extensions)
 
 
-def listing_refs(root: storage.Location, extensions: list[str], storage_options: dict | None,
-                 progress=None) -> tuple[list, int]:
+def listing_refs(root: storage.Location, extensions: list[str], storage_options: dict | None) -> tuple[list, int]:
     """Object references to each folder's rows, and how many folders were listed."""
     import ray
 
@@ -71,7 +69,7 @@ def listing_refs(root: storage.Location, extensions: list[str], storage_options:
     actor = ray.remote(num_cpus=0, max_concurrency=IN_FLIGHT, max_restarts=3, max_task_retries=3)(Lister)
     listers = [actor.options(scheduling_strategy="SPREAD").remote(root.uri, exts, storage_options)
                for _ in range(max(1, nodes, min(cpus, MAX_LISTERS)))]
-    waiting, pending, tables, listed, turn = [root.path], {}, [], 0, 0
+    waiting, pending, tables, turn = [root.path], {}, [], 0
     while waiting or pending:
         while waiting and len(pending) < IN_FLIGHT * len(listers):
             rows, subs = listers[turn % len(listers)].folder.options(num_returns=2).remote(waiting.pop())
@@ -80,17 +78,7 @@ def listing_refs(root: storage.Location, extensions: list[str], storage_options:
         [done], _ = ray.wait(list(pending), num_returns=1)
         tables.append(pending.pop(done))
         waiting += ray.get(done)
-        listed += 1
-        if progress is not None:
-            progress(listed, len(waiting) + len(pending))
     for lister in listers:
         ray.kill(lister, no_restart=True)
-    return tables, listed
+    return tables, len(tables)
 
-
-def dataset(root: storage.Location, extensions: list[str], storage_options: dict | None, progress=None):
-    """The imagefolder's LISTING rows as a Ray Dataset, listed in parallel."""
-    import ray.data
-
-    refs, _ = listing_refs(root, extensions, storage_options, progress)
-    return ray.data.from_arrow_refs(refs)

@@ -7,9 +7,6 @@ import posixpath
 from collections import defaultdict
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from ftl.config import SourceConfig
 from ftl.errors import SourceError
@@ -91,34 +88,13 @@ def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
     """A Parquet or CSV file with a `uri` column and optional `label` and `split` columns."""
     import glob
 
-    if not glob.has_magic(loc.path) and not loc.fs.exists(loc.path):
-        raise SourceError(f"source.uri {loc.uri} does not exist")
-
     if glob.has_magic(loc.path) or loc.fs.isdir(loc.path):
         raise SourceError(f"source.uri {loc.uri} is a folder of manifest files, which Ray tasks read: set "
                           f"source.listing: auto (or distributed) instead of driver")
-    with loc.fs.open(loc.path, "rb") as f:
-        table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f)
-    if "uri" not in table.column_names:
-        raise SourceError(f"manifest {loc.uri} has no 'uri' column; columns: {table.column_names}")
-    base = loc.join("..")
-    base = storage.Location(base.fs, posixpath.normpath(base.path))
-    uris = [storage.resolve(base, u) for u in table["uri"].to_pylist()]
-    versions = manifests.version_columns(table)  # the manifest's own ETag/size/mtime columns: no request
-    if versions is None:
-        found = stat_all(uris, storage_options)
-        versions = [found[u]["version"] if u in found else "missing" for u in uris]
-        sizes = [found.get(u, {}).get("size") for u in uris]
-    else:
-        sizes = manifests.column(table, manifests.SIZE, pa.int64())
-    columns = {
-        "image_id": [image_id(u, v) for u, v in zip(uris, versions)],
-        "uri": uris,
-        "label": _strings(table, "label"),
-        "split": _strings(table, "split"),
-        "size": sizes if sizes is not None else pa.nulls(len(uris), pa.int64()),
-    }
-    return pa.table(columns, schema=LISTING)
+    if not loc.fs.exists(loc.path):
+        raise SourceError(f"source.uri {loc.uri} does not exist")
+    # The same reader as a Ray task's for one file of a sharded manifest: the same rows and ids.
+    return manifests.read_manifest_file(loc.uri, 0, storage_options).drop_columns(["_order"])
 
 
 def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, dict]:
@@ -136,9 +112,3 @@ def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, dict]:
             if uri in wanted:
                 versions[uri] = {"version": version_of(info), "size": info.get("size")}
     return versions
-
-
-def _strings(table: pa.Table, name: str) -> pa.Array:
-    if name not in table.column_names:
-        return pa.nulls(table.num_rows, pa.string())
-    return pc.cast(table[name], pa.string())

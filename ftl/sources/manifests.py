@@ -204,16 +204,14 @@ def dataset(cfg: SourceConfig, storage_options: dict | None):
 
     if cfg.format == "s3_inventory":
         files, how = inventory(cfg, storage_options)
-
-        def read(batch: pa.Table) -> pa.Table:
-            return pa.concat_tables([read_inventory_file(u, i, how, storage_options)
-                                     for u, i in zip(batch["uri"].to_pylist(), batch["index"].to_pylist())])
+        read_one = lambda uri, i: read_inventory_file(uri, i, how, storage_options)  # noqa: E731
     else:
         files = manifest_files(cfg, storage_options)
+        read_one = lambda uri, i: read_manifest_file(uri, i, storage_options)  # noqa: E731
 
-        def read(batch: pa.Table) -> pa.Table:
-            return pa.concat_tables([read_manifest_file(u, i, storage_options)
-                                     for u, i in zip(batch["uri"].to_pylist(), batch["index"].to_pylist())])
+    def read(batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([read_one(u, i) for u, i in zip(batch["uri"].to_pylist(), batch["index"].to_pylist())])
+
     items = ray.data.from_items([{"uri": u, "index": i} for i, u in enumerate(files)],
                                 override_num_blocks=len(files))
     return items.map_batches(read, batch_size=1, batch_format="pyarrow"), len(files)

@@ -48,12 +48,10 @@ def representative(table: pa.Table, limit: int) -> pa.Table:
     """`limit` rows keeping each (split, label) group's share; lowest URI hash first within a group."""
     if limit >= table.num_rows:
         return table
-    keys = [f"{s}\0{lab}" for s, lab in zip(table["split"].to_pylist(), table["label"].to_pylist())]
-    groups, inverse = np.unique(np.array(keys, dtype=object), return_inverse=True)
+    groups, inverse = np.unique(group_keys(table), return_inverse=True)
     sizes = np.bincount(inverse, minlength=len(groups))
     share = quotas(sizes, limit)
-    rank = np.array([hashlib.blake2b(u.encode(), digest_size=8).hexdigest() for u in table["uri"].to_pylist()])
-    order = np.lexsort((rank, inverse))  # by group, then by hash within it
+    order = np.lexsort((uri_ranks(table), inverse))  # by group, then by hash within it
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order)) - np.repeat(starts, sizes)
@@ -64,13 +62,13 @@ def representative(table: pa.Table, limit: int) -> pa.Table:
 # --- the same, as Ray Data operations over a listing that does not fit on one machine -------------
 
 def group_keys(table: pa.Table) -> np.ndarray:
-    """Each row's (split, label) group, spelled as `representative` spells it."""
+    """Each row's (split, label) group."""
     return np.array([f"{s}\0{lab}" for s, lab in zip(table["split"].to_pylist(), table["label"].to_pylist())],
                     dtype=object)
 
 
 def uri_ranks(table: pa.Table) -> np.ndarray:
-    """The same order as `representative`'s hex ranks, as unsigned 64-bit integers."""
+    """Each row's rank within its group: the URI's 64-bit hash."""
     return np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big")
                      for u in table["uri"].to_pylist()], dtype=np.uint64)
 
@@ -96,16 +94,11 @@ def representative_dataset(ds, limit: int):
     ranks per group reach the driver (at most limit × blocks integers), the rows never do."""
     def sizes_and_smallest(block: pa.Table) -> pa.Table:
         keys, ranks = group_keys(block), uri_ranks(block)
-        groups, inverse = (np.unique(keys, return_inverse=True) if len(keys)
-                           else (np.array([], dtype=object), np.array([], dtype=np.int64)))
-        out_g, out_n, out_r = [], [], []
-        for g, name in enumerate(groups):
-            mine = np.sort(ranks[inverse == g])[:limit]
-            out_g.append(name)
-            out_n.append(int((inverse == g).sum()))
-            out_r.append(mine.tolist())
-        return pa.table({"group": pa.array(out_g, pa.string()), "n": pa.array(out_n, pa.int64()),
-                         "ranks": pa.array(out_r, pa.list_(pa.uint64()))})
+        groups, inverse = np.unique(keys, return_inverse=True)
+        smallest = [np.sort(ranks[inverse == g])[:limit].tolist() for g in range(len(groups))]
+        return pa.table({"group": pa.array(groups.tolist(), pa.string()),
+                         "n": pa.array(np.bincount(inverse, minlength=len(groups)), pa.int64()),
+                         "ranks": pa.array(smallest, pa.list_(pa.uint64()))})
 
     parts = ds.map_batches(sizes_and_smallest, batch_size=None, batch_format="pyarrow").take_all()
     names = sorted({p["group"] for p in parts})
