@@ -21,8 +21,9 @@ import psutil
 
 from ftl.config import TrainConfig
 from ftl.errors import TrainError
+from ftl.fitting import evaluate
 from ftl.pipeline.runtime import ensure_ray
-from ftl.train import evaluate, fit, memory
+from ftl.train import fit, memory
 
 GIB = 1 << 30
 

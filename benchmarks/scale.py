@@ -136,10 +136,10 @@ def part1(sizes: list[int], work: Path) -> list[dict]:
 
 def part2(objects: int, latency: float, folders: int) -> dict:
     """Sequential `find` vs ftl's parallel listing of an imagefolder on an S3 endpoint behind a slow proxy."""
+    import _s3_listing_server
     import ray
     import s3fs
 
-    import _s3_listing_server
     from tests.proxy import Proxy
 
     keys = [f"images/train/c{i % folders:04d}/{i:09d}.jpg" for i in range(objects)]

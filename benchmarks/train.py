@@ -18,8 +18,9 @@ from pathlib import Path
 from ftl import config, datasets
 from ftl.config import TrainConfig
 from ftl.extract import stage as extract
+from ftl.fitting import evaluate, features
 from ftl.pipeline.runtime import ensure_ray
-from ftl.train import evaluate, features, fit
+from ftl.train import fit
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 C_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ftl import config, logs
-from ftl.errors import FtlError, TrackingError
+from ftl.errors import FtlError
 from ftl.secrets import mask_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,37 +89,22 @@ def train(workflow: Workflow, set: Sets = None) -> None:
 @app.command()
 def run(workflow: Workflow, set: Sets = None) -> None:
     """Extract (only what is new), then train, then register: the whole workflow."""
-    from ftl import tracking
-    from ftl.extract import stage as extract_stage
-    from ftl.train import stage as train_stage
+    from ftl.flows import run as flow
 
     wf = config.load_workflow(workflow, set or [])
     start_ray_early()
-    extracted = extract_stage.run(wf)
-    typer.echo(extracted.summary())
-    try:
-        extraction_run = tracking.log_extraction(wf.tracking, workflow=wf.name, result=extracted,
-                                                 params=config.mask_secrets(wf.model_dump(mode="json")))
-        typer.echo(f"MLflow extraction run {extraction_run}: {tracking.run_link(extraction_run)}")
-        typer.echo(train_stage.run(wf, extraction_run=extraction_run).summary())
-    except Exception as e:
-        if not tracking.unreachable(e):
-            raise
-        # The features are in place and stay: only what needs MLflow is left, and it says how to finish.
-        again = shlex.join(["ftl", "train", str(workflow), *(a for s in set or [] for a in ("--set", s))])
-        raise TrackingError(f"MLflow at {tracking.uri_of(wf.tracking)} failed after the features landed in "
-                            f"{extracted.features_uri}; once it is reachable, run `{again}`: it trains on them "
-                            f"and extracts nothing again.\nMLflow said: {str(e).splitlines()[0][:300]}") from e
+    again = shlex.join(["ftl", "train", str(workflow), *(a for s in set or [] for a in ("--set", s))])
+    typer.echo(flow.run(wf, again=again, tell=typer.echo).summary())
 
 
 @app.command()
 def sweep(workflow: Workflow, set: Sets = None) -> None:
     """Extract many layers (of several backbones) once, fit a head per layer × grid point, register the best."""
-    from ftl.train import sweep as stage
+    from ftl.flows import sweep as flow
 
     wf = config.load_workflow(workflow, set or [])
     start_ray_early()
-    typer.echo(stage.run(wf).summary())
+    typer.echo(flow.run(wf).summary())
 
 
 @app.command()
@@ -162,11 +147,11 @@ def layers(backbone: Annotated[str, typer.Argument(help="a torchvision model nam
 @app.command()
 def finetune(workflow: Workflow, set: Sets = None) -> None:
     """Fine-tune the backbone's chosen blocks from the best linear probe (LP-FT) on Ray Train; register the model."""
-    from ftl.finetune.stage import run as finetune_run
+    from ftl.flows import finetune as flow
 
     wf = config.load_workflow(workflow, set or [])
     start_ray_early()
-    typer.echo(finetune_run(wf).summary())
+    typer.echo(flow.run(wf).summary())
 
 
 def main(argv: list[str] | None = None) -> int:

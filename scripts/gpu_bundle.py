@@ -45,7 +45,7 @@ BUNDLED = [
 PROVIDED = {"torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow", "jinja2", "markupsafe", "networkx",
             "sympy", "mpmath", "python-dateutil", "six", "pytz", "tzdata", "setuptools", "triton"}
 # Required by a bundled package's metadata but never imported by what the GPU machine runs
-# (tests/test_gpu_bundle.py runs extract's and predict's code from the bundle alone): Databricks
+# (tests/cluster/test_gpu_bundle.py runs extract's and predict's code from the bundle alone): Databricks
 # authentication, for databricks-sdk, which MLflow imports but only calls for Databricks workspaces.
 NOT_IMPORTED = {"google-auth"}
 SKIPPED_IN_RAY = (re.compile(r"^ray/jars/"), re.compile(r"^ray/dashboard/.*\.map$"))

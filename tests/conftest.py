@@ -57,7 +57,7 @@ def ray_runtime(s3_server):
     import psutil
     import ray
 
-    from tests.sessions import running
+    from tests.support.sessions import running
 
     before = {p.pid for p in psutil.Process().children()}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=True)
@@ -172,3 +172,23 @@ def registered_model(tmp_path_factory, fmnist, fmnist_features, mlflow_server) -
     if main(["run", str(wf)]) != 0:
         raise RuntimeError(f"ftl run {wf} failed: the predict tests have no model")
     return "models:/fmnist-predict/1"
+
+
+# Markers from what a test really starts (the fixtures it asks for, and the modules that start
+# their own clusters or servers), so a subset can be chosen while developing: -m "not cluster".
+CLUSTER_MODULES = {"test_cluster_job", "test_faults", "test_multinode"}
+OWN_SERVERS = {"test_faults": ("s3", "mlflow"), "test_s3_and_weights": ("s3",), "test_heads": ("mlflow",)}
+# Over ~30 s each on 2 cores (scripts/test.sh --durations=0); every cluster test is slow too.
+SLOW_MODULES = CLUSTER_MODULES | {"test_finetune", "test_sweep", "test_exactly_once"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module, names = item.module.__name__.rpartition(".")[2], set(item.fixturenames)
+        marks = set(OWN_SERVERS.get(module, ()))
+        marks |= {"s3"} if "s3_server" in names else set()
+        marks |= {"mlflow"} if names & {"mlflow_server", "registered_model"} else set()
+        marks |= {"cluster"} if module in CLUSTER_MODULES else set()
+        marks |= {"slow"} if module in SLOW_MODULES or item.get_closest_marker("slow") else set()
+        for mark in sorted(marks):
+            item.add_marker(getattr(pytest.mark, mark))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ftl.errors import WorkflowError
+from ftl.fitting import core
 from ftl.model import backbones
-from ftl.train import core
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The fine-tuning data: the probe's images and splits, streamed through Ray Data into Ray Train workers.
 
 The rows are the features' own (image_id, uri, label, split) with the very split rule the probe
-was trained and evaluated with (ftl.train.features.assign_splits), so the probe's metrics and the
+was trained and evaluated with (ftl.fitting.features.assign_splits), so the probe's metrics and the
 fine-tuned model's are on the same images. Images are read and decoded by extract's reader tasks
 (ftl.pipeline.readers, on CPU). With `cache_prefix`, extract's plan (ftl.pipeline.plan) also runs
 the frozen prefix once in its actor pool, and its fp16 output at the cut is kept in the object
@@ -19,11 +19,12 @@ import torch
 
 from ftl.config import PipelineConfig, TrainConfig
 from ftl.finetune import network
+from ftl.finetune.job import NetSpec
+from ftl.fitting import features
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import plan, readers, tuning
 from ftl.pipeline.runtime import ModelActor
-from ftl.train import features
 
 # What each worker reads per row: the image (or the prefix's output), its label, and whether it was readable.
 PIXELS, CUT = "pixels", "cut"
@@ -57,9 +58,10 @@ def decoded(rows: pa.Table, *, pre: imaging.Preprocess, pipeline: PipelineConfig
 class Prefix(ModelActor):
     """Decoded batches → the frozen prefix's output at the cut, fp16; unreadable rows keep zeros and their error."""
 
-    def __init__(self, spec: dict, *, runtime: tuning.Runtime, pre: imaging.Preprocess, progress=None):
+    def __init__(self, spec: NetSpec, states: dict, *, runtime: tuning.Runtime, pre: imaging.Preprocess,
+                 progress=None):
         super().__init__(runtime, pre=pre, progress=progress)
-        self.net = network.build(spec, inputs=PIXELS).to(self.device).eval()
+        self.net = network.build(spec, states, inputs=PIXELS).to(self.device).eval()
         with torch.inference_mode():
             self.shape = tuple(self.net.prefix(torch.zeros(1, pre.crop, pre.crop, 3, dtype=torch.uint8,
                                                            device=self.device)).shape[1:])
@@ -80,12 +82,12 @@ class Prefix(ModelActor):
                          "error": pa.array(error, pa.string())})
 
 
-def cached(rows: pa.Table, *, spec: dict, pre: imaging.Preprocess, pipeline: PipelineConfig,
+def cached(rows: pa.Table, *, spec: NetSpec, states: dict, pre: imaging.Preprocess, pipeline: PipelineConfig,
            storage_options: dict | None):
     """Rows → the prefix's output, computed once by extract's plan and held in the object store."""
     tuned = tuning.resolve(pipeline, tuning.Hardware.of_cluster(), crop=pre.crop)
     ds = plan.build(plan.blocks(rows, rows=tuned.reader_batch_size), actor=Prefix, pre=pre, tuned=tuned,
-                    actor_kwargs={"spec": spec, "runtime": tuned.runtime, "pre": pre}, storage_options=storage_options)
+                    actor_kwargs={"spec": spec, "states": states, "runtime": tuned.runtime, "pre": pre}, storage_options=storage_options)
     ds.context.execution_options = ordered(ds.context.execution_options)
     return ds.materialize()
 
@@ -97,14 +99,14 @@ def ordered(options):
     return options
 
 
-def datasets(rows: dict[str, pa.Table], *, spec: dict | None, pre: imaging.Preprocess, pipeline: PipelineConfig,
+def datasets(rows: dict[str, pa.Table], *, net: tuple[NetSpec, dict] | None, pre: imaging.Preprocess, pipeline: PipelineConfig,
              storage_options: dict | None) -> tuple[dict, str]:
-    """One Ray Dataset per split and the column the workers read: the prefix's output with a spec, else pixels."""
-    if spec is None:
+    """One Ray Dataset per split and the column the workers read: the prefix's output given `net`, else pixels."""
+    if net is None:
         streamed = {s: decoded(t, pre=pre, pipeline=pipeline, storage_options=storage_options) for s, t in rows.items()}
         return streamed, PIXELS
     # One pass of one actor pool over every split, cut back into splits by position (the order is kept).
-    whole = cached(pa.concat_tables(rows.values()), spec=spec, pre=pre, pipeline=pipeline,
+    whole = cached(pa.concat_tables(rows.values()), spec=net[0], states=net[1], pre=pre, pipeline=pipeline,
                    storage_options=storage_options)
     ends = np.cumsum([t.num_rows for t in rows.values()])[:-1].tolist()
     return dict(zip(rows, whole.split_at_indices(ends))), CUT

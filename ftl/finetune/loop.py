@@ -5,7 +5,7 @@ Each worker streams its shard of train (pixels, or the frozen prefix's output) e
 val whole (so every worker takes the same early-stopping decision, as in ftl.train.fit), and
 trains with DDP (gloo on CPU, NCCL on GPUs) under bf16 autocast on GPUs. Epoch 0 is the probe
 itself, validated before any step: the run starts where the linear probe ended. The training
-rules (parameter groups, cosine schedule, optimizer step, early stopping) are ftl.train.core's.
+rules (parameter groups, cosine schedule, optimizer step, early stopping) are ftl.fitting.core's.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import contextlib
 import copy
 import math
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,12 +23,11 @@ from torch import nn
 from ftl.config import FinetuneConfig
 from ftl.finetune import blocks as blockmod
 from ftl.finetune import data, network
+from ftl.finetune.job import FinetuneJob
+from ftl.finetune.resume import ResumeState, restore, save
+from ftl.fitting import core, live
+from ftl.fitting.workers import all_reduce
 from ftl.io import schema
-from ftl.train import core
-from ftl.train import progress as live
-from ftl.train.fit import all_reduce
-
-STATE = "state.pt"
 
 
 @dataclass
@@ -48,18 +46,6 @@ class Session:
     xv: torch.Tensor = None
     yv: torch.Tensor = None
     unreadable: int = 0
-
-
-@dataclass
-class Progress:
-    """What a checkpoint holds: finished candidates, the best one's state, and the one in training."""
-
-    candidate: int = 0
-    done: list[dict] = field(default_factory=list)
-    best: dict | None = None  # {"index", "state"} of the best finished candidate
-    current: dict | None = None  # {"epoch", "stopped", "net", "opt", "sched", "stop"}
-    finished: bool = False
-    resumed_at: str | None = None
 
 
 def autocast_for(cfg: FinetuneConfig, device: torch.device):
@@ -128,33 +114,7 @@ def optimizer(s: Session, trained: list[str], order: list[str], rows: int):
     return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, decay], milestones=[steps])
 
 
-def save(p: Progress, *, rank: int, metrics: dict) -> None:
-    """Report an epoch to Ray Train; rank 0 attaches the checkpoint (the others hold the same state)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            torch.save(vars(p), os.path.join(tmp, STATE))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def restore() -> Progress:
-    """The progress of the last checkpoint of this run (a rerun after a kill, or a restarted worker group)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return Progress()
-    with checkpoint.as_directory() as d:
-        p = Progress(**torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False))
-    where = f"epoch {p.current['epoch']}" if p.current else "a finished candidate"
-    p.resumed_at = "the end (training was done)" if p.finished else f"candidate {p.candidate}, {where}"
-    return p
-
-
-def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], rows: int, initial: dict,
+def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str], rows: int, initial: dict,
               on_epoch=None) -> dict:
     """Train one range of blocks from the probe (or from its checkpoint) until early stopping; its summary."""
     s.chunked.load_state_dict(initial)
@@ -171,7 +131,7 @@ def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], 
         s.chunked.load_state_dict(p.current["net"])
         opt.load_state_dict(p.current["opt"])
         sched.load_state_dict(p.current["sched"])
-        vars(stop).update(p.current["stop"])
+        stop.load_state_dict(p.current["stop"])
         first = s.cfg.epochs + 1 if p.current["stopped"] else p.current["epoch"] + 1
     else:  # epoch 0: the probe before any step, validated like every epoch
         stop.observe(s.chunked, s.xv, s.yv, epoch=0, train_loss=math.nan, lr=0.0)
@@ -184,7 +144,7 @@ def candidate(s: Session, p: Progress, *, trained: list[str], order: list[str], 
         if on_epoch:
             on_epoch(stop.history[-1])
         p.current = {"epoch": epoch, "stopped": stopped, "net": s.chunked.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "stop": vars(stop)}
+                     "sched": sched.state_dict(), "stop": stop.state_dict()}
         save(p, rank=s.rank, metrics={"candidate": p.candidate, **stop.history[-1]})
         if stopped:
             break
@@ -198,24 +158,24 @@ def rank(summary: dict) -> tuple[float, float]:
     return summary["val_accuracy"], -summary["val_loss"]
 
 
-def session(cfg: FinetuneConfig, config: dict) -> Session:
+def session(job: FinetuneJob) -> Session:
     """The worker's device, threads and network (the probe's backbone and head), and its augmentation."""
     import ray
     import ray.train
     import ray.train.torch
 
+    cfg = job.finetune
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray sets one thread per worker; the node's cores are shared by its workers instead
         torch.set_num_threads(cfg.torch_threads or max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
-    spec = {**config["spec"], **ray.get(config["states"])}
-    column = config["column"]
-    net = network.build(spec, inputs=column).to(device)
-    transform = data.augmenter(spec["crop"], cfg.crop_scale) if cfg.augment and column == data.PIXELS else None
+    column = job.column
+    net = network.build(job.spec, ray.get(job.states), inputs=column).to(device)
+    transform = data.augmenter(job.spec.crop, cfg.crop_scale) if cfg.augment and column == data.PIXELS else None
     return Session(cfg=cfg, net=net, device=device, column=column, transform=transform,
                    chunked=network.Chunked(net, batch_size=256, device=device, autocast=autocast_for(cfg, device)),
-                   classes=np.array(config["classes"], dtype=object), rank=ctx.get_world_rank(),
+                   classes=np.array(job.classes, dtype=object), rank=ctx.get_world_rank(),
                    world=ctx.get_world_size())
 
 
@@ -227,19 +187,20 @@ def logits(s: Session, x: torch.Tensor) -> np.ndarray:
 
 def train_loop(config: dict) -> dict | None:
     """Runs on every Ray Train worker: each candidate in turn, the best kept on val, then val and test once."""
-    cfg = FinetuneConfig.model_validate(config["finetune"])
-    s = session(cfg, config)
+    job: FinetuneJob = config["job"]
+    cfg = job.finetune
+    s = session(job)
     initial = copy.deepcopy(s.chunked.state_dict())
     p = restore()
     s.xv, yv, _ = read_split(s, "val")
     s.yv = yv.to(s.device)
-    candidates = config["candidates"]
+    candidates = job.candidates
     for index in range(p.candidate, len(candidates)):
         # Epochs count from 1 here: epoch 0 is the probe itself. Rank 0 speaks for all (same val, same decision).
-        on_epoch = live.reporter(config["progress"] if s.rank == 0 else None, first_epoch=1, epochs=cfg.epochs,
+        on_epoch = live.reporter(job.progress if s.rank == 0 else None, first_epoch=1, epochs=cfg.epochs,
                                  fit=index + 1, fits=len(candidates), what="candidate",
-                                 note=f"blocks {blockmod.describe(candidates[index], config['order'])}")
-        summary = candidate(s, p, trained=candidates[index], order=config["order"], rows=config["rows"],
+                                 note=f"blocks {blockmod.describe(candidates[index], job.order)}")
+        summary = candidate(s, p, trained=candidates[index], order=job.order, rows=job.rows,
                             initial=initial, on_epoch=on_epoch)
         state = summary.pop("state")
         if p.best is None or rank(summary) > rank(p.done[p.best["index"]]):

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from ftl.errors import LayerError
+from ftl.finetune.job import NetSpec
 from ftl.model import backbones, heads
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -113,13 +114,13 @@ class Finetuned(nn.Module):
         return self.head(backbones.pool(out, self.pooling).float())
 
 
-def build(spec: dict, *, inputs: str) -> Finetuned:
-    """The probe's backbone and head from `spec` (states by value: nothing is read from the driver's disk)."""
-    backbone = backbones.build(spec["backbone"])
-    backbone.load_state_dict(spec["backbone_state"])
-    head = heads.build(spec["head"], spec["head_state"])
-    return Finetuned(backbone, head, cut=spec["cut"], node=spec["node"], pooling=spec["pooling"], mean=spec["mean"],
-                     std=spec["std"], freeze_bn=spec["freeze_bn"], inputs=inputs)
+def build(spec: NetSpec, states: dict, *, inputs: str) -> Finetuned:
+    """The probe's backbone and head from `spec` and `states` (by value: nothing is read from the driver's disk)."""
+    backbone = backbones.build(spec.backbone)
+    backbone.load_state_dict(states["backbone_state"])
+    head = heads.build(spec.head, states["head_state"])
+    return Finetuned(backbone, head, cut=spec.cut, node=spec.node, pooling=spec.pooling, mean=spec.mean,
+                     std=spec.std, freeze_bn=spec.freeze_bn, inputs=inputs)
 
 
 class Chunked(nn.Module):

@@ -1,9 +1,9 @@
-"""LP-FT's first step: the linear probe that fine-tuning starts from, found in MLflow or fitted now.
+"""LP-FT's first step: the linear probe that fine-tuning starts from, as registered in MLflow.
 
 Kumar et al. (ICLR 2022): fine-tuning from a trained linear head, instead of a random one,
 distorts the pretrained features less. The probe is the best linear head on val that `ftl train`
 or `ftl sweep` registered for these very features (its image model's version carries the
-feature set), or the one `finetune.probe` names; with none, `ftl train` fits one first. Its
+feature set), or the one `finetune.probe` names; with none, ftl.flows.finetune fits one first. Its
 registered image model holds everything fine-tuning needs: the backbone weights that made the
 features, the head with its standardisation, the layer and pooling, the classes.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError
+from ftl.fitting import evaluate, features
 from ftl.tracking import champion
-from ftl.train import evaluate, features
 
 
 @dataclass
@@ -46,31 +46,31 @@ def feature_set(uri: str, storage_options: dict | None) -> str:
     return features.provenance(features.open_table(uri, storage_options)[1])["feature_set"]
 
 
-def choose(wf: Workflow, uri: str) -> tuple[str, str | None, bool]:
-    """The probe's model URI, the sweep's layer, and whether the probe was fitted now."""
+def registered(wf: Workflow, uri: str) -> tuple[str | None, str | None]:
+    """The probe's model URI (finetune.probe, else the best linear head registered for these features), or None;
+    and the layer a sweep of these features chose, if one did."""
     found = tracking.find_probes(feature_set(uri, wf.storage.options))
     sweep_layer = next((p["layer"] for p in found if p["stage"] == "sweep"), None)
     if wf.finetune.probe:  # models:/name@champion as the version it is now: the run's key and tags stay true
-        return champion.resolve(wf.finetune.probe), sweep_layer, False
+        return champion.resolve(wf.finetune.probe), sweep_layer
     linear = [p for p in found if p["head"] == "linear"]
-    if linear:
-        return linear[0]["model"], sweep_layer, False
-    from ftl.train import stage as train_stage
-
-    fitted = train_stage.run(wf.model_copy(update={"train": wf.train.model_copy(update={"head": "linear"})}))
-    if fitted.model is None:
-        raise TrainError("fine-tuning needs the probe's image model, and features from random-init weights have "
-                         "none; extract with pretrained weights")
-    return fitted.model, sweep_layer, True
+    return (linear[0]["model"] if linear else None), sweep_layer
 
 
-def find(wf: Workflow, uri: str) -> Probe:
-    """The probe to start from, loaded: its weights, its head, its features and their splits."""
+def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
+    """The probe to start from, loaded: its weights, its head, its features and their splits.
+
+    `fitted` is a probe fitted for this run (ftl.flows.finetune fits one when none is registered).
+    """
     from safetensors.torch import load_file
 
     from ftl.model import classifier
 
-    model, sweep_layer, fitted_now = choose(wf, uri)
+    model, sweep_layer = registered(wf, uri)
+    model = model or fitted
+    if model is None:
+        raise TrainError(f"no linear probe is registered for the features at {uri}: run `ftl train` on them "
+                         f"first, or name one in finetune.probe")
     with tracking.temp_dir() as tmp:
         folder = tracking.model_folder(model, tmp)
         clf = classifier.ImageClassifier(folder)
@@ -82,4 +82,4 @@ def find(wf: Workflow, uri: str) -> Probe:
         raise TrainError(f"finetune.probe: {model} was not trained on the features at {data.uri} (other feature set "
                          f"or classes); leave finetune.probe unset to find the probe of these features")
     return Probe(model=model, meta=clf.meta, backbone_state=backbone_state, head=clf.head.cpu().eval(), data=data,
-                 sweep_layer=sweep_layer, fitted_now=fitted_now)
+                 sweep_layer=sweep_layer, fitted_now=model == fitted)

@@ -3,7 +3,7 @@
 Steps: the linear probe to start from (ftl.finetune.probes), which blocks train and where the
 frozen prefix ends (ftl.finetune.blocks), the images of the probe's splits through Ray Data
 (ftl.finetune.data), training on Ray Train (ftl.finetune.loop, ftl.finetune.trainer), then the
-run's evaluation (ftl.train.register's) and the fine-tuned image model registered under the
+run's evaluation (ftl.fitting.register's) and the fine-tuned image model registered under the
 workflow's model name, servable unchanged by `ftl predict` and `mlflow.pyfunc.load_model`.
 """
 
@@ -23,10 +23,10 @@ from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import WorkflowError
 from ftl.finetune import blocks, data, probes, trainer
+from ftl.finetune.job import NetSpec
+from ftl.fitting import features, register
 from ftl.io import storage
 from ftl.tracking import champion
-from ftl.train import features, register
-from ftl.train import stage as train_stage
 
 # Settings that change how a run goes, not what it learns: a run resumed with other values is the same run.
 RUNTIME_KEYS = {"workers", "use_gpu", "torch_threads", "max_failures", "checkpoints"}
@@ -73,14 +73,17 @@ def check(wf: Workflow) -> None:
                             "images change every epoch; set finetune.augment: false to cache, or cache_prefix: false")
 
 
-def run(wf: Workflow) -> FinetuneResult:
-    """Fine-tune from the probe of the workflow's features; a finished run is not redone, a killed one resumes."""
+def run(wf: Workflow, *, fitted_probe: str | None = None) -> FinetuneResult:
+    """Fine-tune from the probe of the workflow's features; a finished run is not redone, a killed one resumes.
+
+    `fitted_probe`: the image model of a probe fitted just now for these features, when none was registered.
+    """
     from ftl.pipeline.runtime import ensure_ray
 
     started = time.perf_counter()
     check(wf)
     tracking.setup(wf.tracking, wf.name)
-    probe = probes.find(wf, features.uri_of(wf))
+    probe = probes.find(wf, features.uri_of(wf), fitted=fitted_probe)
     backbone = probe.meta["provenance"]["backbone"]
     plan = blocks.plan(wf.finetune.blocks, backbone=backbone, layer=probe.layer, kinds=wf.finetune.auto_candidates,
                        sweep_layer=probe.sweep_layer)
@@ -106,7 +109,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
                              tags=tags))
     with opened as run_id:
         if not resume:
-            train_stage.log_inputs(wf, data=probe.data, rows=rows, extraction_run=extraction_run)
+            register.log_inputs(wf, data=probe.data, rows=rows, extraction_run=extraction_run)
             tracking.log_params({"probe_model": probe.model, "cut": plan.cut or "input", "candidates":
                                  [blocks.describe(c, plan.order) for c in plan.candidates]})
         tuned, test_rows = train(wf, probe=probe, plan=plan, name=f"{wf.name}-finetune-{key}")
@@ -139,14 +142,14 @@ def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) ->
     cfg = wf.finetune
     prov, layer = probe.meta["provenance"], probe.meta["layer"]
     pre = prov["preprocess"]
-    spec = {"backbone": prov["backbone"], "head": probe.meta["head"], "cut": plan.cut, "node": plan.node,
-            "pooling": layer["pooling"], "mean": pre["mean"], "std": pre["std"], "crop": pre["crop"],
-            "freeze_bn": cfg.freeze_bn}
+    spec = NetSpec(backbone=prov["backbone"], head=probe.meta["head"], cut=plan.cut, node=plan.node,
+                   pooling=layer["pooling"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop=pre["crop"],
+                   freeze_bn=cfg.freeze_bn)
     weights = {"backbone_state": probe.backbone_state, "head_state": probe.head.state_dict()}
     rows = data.split_rows(probe.data.uri, train=wf.train, shuffle_seed=cfg.seed, storage_options=wf.storage.options)
     from ftl.model import imaging
 
-    datasets, column = data.datasets(rows, spec={**spec, **weights} if cfg.cache_prefix else None,
+    datasets, column = data.datasets(rows, net=(spec, weights) if cfg.cache_prefix else None,
                                      pre=imaging.Preprocess(pre["resize"], pre["crop"], tuple(pre["mean"]),
                                                             tuple(pre["std"])),
                                      pipeline=wf.extract, storage_options=wf.storage.options)
@@ -191,7 +194,7 @@ def log_history(tuned: trainer.Tuned, *, probe_metrics: dict, order: list[str]) 
 
 
 def evaluated(tuned: trainer.Tuned, probe: probes.Probe, plan: blocks.Plan) -> features.FeatureData:
-    """The fine-tuned model's logits as 'features' for ftl.train.register's evaluation, through an identity head."""
+    """The fine-tuned model's logits as 'features' for ftl.fitting.register's evaluation, through an identity head."""
     kept = blocks.describe(tuned.candidates[tuned.chosen]["blocks"], plan.order)
     split = {"val": tuned.val, "test": tuned.test}
     return features.FeatureData(uri=probe.data.uri, provenance=probe.data.provenance, classes=probe.data.classes,

@@ -7,19 +7,16 @@ failures inside one run are retried from it too (finetune.max_failures).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ftl.config import FinetuneConfig
 from ftl.errors import TrainError
-from ftl.finetune import data, loop
+from ftl.finetune import data, loop, resume
 from ftl.finetune.blocks import Plan
-from ftl.io import storage
-from ftl.train import progress as live
-from ftl.train.fit import ray_has_gpu
+from ftl.finetune.job import FinetuneJob, NetSpec
+from ftl.fitting import live
+from ftl.fitting.workers import run_config, torch_config, use_gpu
 
 
 @dataclass
@@ -43,42 +40,30 @@ class Tuned:
         return self.candidates[self.chosen]["history"]
 
 
-def run_config(cfg: FinetuneConfig, *, name: str, storage_path: str, storage_options: dict | None):
-    """Checkpoints under `storage_path` (local or s3://) as Ray Train wants them: a pyarrow filesystem and a path."""
-    import ray.train
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    loc = storage.locate(storage_path, storage_options)
-    return loc, ray.train.RunConfig(
-        name=name, storage_path=loc.path, storage_filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures))
-
-
 def states(p: dict, prefix: str) -> dict:
     """One module's part of the kept state (Chunked → Finetuned → backbone or head)."""
     return {k.removeprefix(prefix): v for k, v in p.items() if k.startswith(prefix)}
 
 
-def fit(cfg: FinetuneConfig, *, spec: dict, weights: dict, plan: Plan, datasets: dict, column: str,
+def fit(cfg: FinetuneConfig, *, spec: NetSpec, weights: dict, plan: Plan, datasets: dict, column: str,
         classes: list[str], rows: int, name: str, storage_path: str, storage_options: dict | None) -> Tuned:
     """Train every candidate of `plan` on a TorchTrainer worker group; resumes a run of the same name."""
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
-    gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
-    loc, run = run_config(cfg, name=name, storage_path=storage_path, storage_options=storage_options)
+    gpu = use_gpu(cfg.use_gpu)
+    loc, run = run_config(name=name, storage_path=storage_path, storage_options=storage_options,
+                          max_failures=cfg.max_failures)
     # The weights travel once through the object store, not inside every worker's pickled config.
-    shown = live.training("finetune")  # epochs as they end, from rank 0 (ftl.train.progress)
-    config = {"finetune": cfg.model_dump(mode="json"), "spec": spec, "states": ray.put(weights),
-              "candidates": plan.candidates, "order": plan.order, "column": column, "classes": classes, "rows": rows,
-              "progress": shown.handle}
+    shown = live.training("finetune")  # epochs as they end, from rank 0 (ftl.fitting.live)
+    job = FinetuneJob(finetune=cfg, spec=spec, states=ray.put(weights), candidates=plan.candidates, order=plan.order,
+                      column=column, classes=classes, rows=rows, progress=shown.handle)
     ingest = ray.train.DataConfig(datasets_to_split=["train"],
                                   execution_options=data.ordered(ray.train.DataConfig.default_ingest_options()))
-    trainer = TorchTrainer(loop.train_loop, train_loop_config=config, run_config=run, datasets=datasets,
-                           torch_config=TorchConfig(backend="nccl" if gpu else "gloo"), dataset_config=ingest,
+    trainer = TorchTrainer(loop.train_loop, train_loop_config={"job": job}, run_config=run, datasets=datasets,
+                           torch_config=torch_config(gpu), dataset_config=ingest,
                            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu))
     try:
         with shown:
@@ -88,7 +73,7 @@ def fit(cfg: FinetuneConfig, *, spec: dict, weights: dict, plan: Plan, datasets:
                          f"command to resume from the last one.") from e
     out = result.return_value
     with result.checkpoint.as_directory() as d:
-        kept = torch.load(os.path.join(d, loop.STATE), map_location="cpu", weights_only=False)["best"]["state"]
+        kept = resume.kept(d)
     return Tuned(backbone_state=states(kept, "net.backbone."), head_state=states(kept, "net.head."),
                  candidates=out["candidates"], chosen=out["chosen"], val=out["val"], test=out["test"],
                  device=out["device"], resumed_at=out["resumed_at"], unreadable=out["unreadable"],

@@ -8,9 +8,9 @@ converts tables an older ftl wrote as plain Parquet, and commits the run's epoch
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
-import _thread
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass

@@ -4,7 +4,7 @@ It is saved as a folder (ftl_model.json, backbone.safetensors, head.safetensors)
 served through MLflow's pyfunc `loader_module` protocol: `_load_pyfunc(path)` returns an
 object with `predict(DataFrame)`. This module does not import MLflow; tracking.py does.
 It ships, with the rest of ftl/model, as the registered model's code: nothing here imports Ray,
-pydantic, MLflow or the pipeline's packages (tests/test_model_package.py holds it to that).
+pydantic, MLflow or the pipeline's packages (tests/model/test_model_package.py holds it to that).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def load() -> types.ModuleType:
         stand_in.is_compile_supported = is_compile_supported
         sys.modules[DYNAMO_UTILS] = stand_in
     try:
-        import torchvision  # a plain statement: tests/test_model_package.py reads the shipped code's imports
+        import torchvision  # a plain statement: tests/model/test_model_package.py reads the shipped code's imports
 
         return torchvision
     finally:

@@ -1,5 +1,5 @@
 """Live progress of a run: images done of those to do, images/s, ETA, failures so far (or, for
-training, epochs: ftl.train.progress).
+training, epochs: ftl.fitting.live).
 
 The workers add their counts to a small Ray actor (`Counter`, fire and forget); the driver polls
 it. In a terminal, one line updates in place (rich); anywhere else (Ray job logs, cron), a plain

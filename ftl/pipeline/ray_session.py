@@ -4,7 +4,7 @@ A local runtime costs a few CPU-seconds to start (GCS, raylet, agents, prestarte
 used to be started only once the driver had imported torch and planned. `start_early` starts it
 on a thread as soon as the command is known, so the two overlap; `ensure_ray` waits for it.
 
-On a machine of its own the runtime hands its workers their settings (tuning.WORKER_ENV) through
+On a machine of its own the runtime hands its workers their settings (allocator.WORKER_ENV) through
 their inherited environment rather than each actor's `runtime_env`: an actor whose environment
 matches the job's takes one of the workers Ray prestarted, instead of waiting for a new process.
 
@@ -25,7 +25,7 @@ import threading
 
 from ftl import logs
 from ftl.pipeline import reaper
-from ftl.pipeline.tuning import WORKER_ENV
+from ftl.pipeline.allocator import WORKER_ENV
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None

@@ -13,8 +13,8 @@ import torch
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import allocator, device_decode
-from ftl.pipeline.ray_session import ensure_ray  # noqa: F401  (where the stages import it from)
 from ftl.pipeline.progress import report
+from ftl.pipeline.ray_session import ensure_ray  # noqa: F401  (where the stages import it from)
 from ftl.pipeline.tuning import Runtime
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

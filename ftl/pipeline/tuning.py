@@ -11,13 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftl.config import PipelineConfig
-from ftl.pipeline import allocator
-
-# The environment a model actor's process starts with: the allocator's settings, and OpenMP threads
-# that sleep at a barrier instead of spinning. On CPU the actor's torch threads share the cores with
-# reader tasks; a spinning thread burns the core a reader (or its own late peer) needs. Measured on
-# 2 cores with mobilenet_v2: +3% images/s and a first batch 1.5 s sooner (benchmarks/README.md).
-WORKER_ENV = allocator.ENV | {"OMP_WAIT_POLICY": "PASSIVE"}
+from ftl.pipeline.allocator import WORKER_ENV
 
 
 @dataclass(frozen=True)

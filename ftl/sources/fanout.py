@@ -15,6 +15,7 @@ import posixpath
 import pyarrow as pa
 
 from ftl.io import storage
+from ftl.sources import identity, listing
 
 # Listings wait on the network, not the CPU: each Lister actor (one process) keeps IN_FLIGHT of
 # them going on threads. A Ray task per folder would cost a worker process per concurrent
@@ -25,8 +26,6 @@ MAX_LISTERS = 8
 
 def list_folder(root: storage.Location, folder: str, extensions: tuple[str, ...]):
     """One folder's images as LISTING rows, and its subfolders (paths)."""
-    from ftl.sources import listing
-
     rows = {n: [] for n in listing.LISTING.names}
     subfolders = []
     for info in root.fs.ls(folder, detail=True):
@@ -39,7 +38,7 @@ def list_folder(root: storage.Location, folder: str, extensions: tuple[str, ...]
             continue
         parts = posixpath.relpath(path, root.path).split("/")
         uri = root.to_uri(path)
-        rows["image_id"].append(listing.image_id(uri, listing.version_of(info)))
+        rows["image_id"].append(identity.image_id(uri, identity.version_of(info)))
         rows["uri"].append(uri)
         rows["label"].append(parts[-2] if len(parts) >= 2 else None)
         rows["split"].append(parts[-3] if len(parts) >= 3 else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from collections import defaultdict
 
@@ -12,6 +11,7 @@ from ftl.config import SourceConfig
 from ftl.errors import SourceError
 from ftl.io import storage
 from ftl.sources import manifests, sample
+from ftl.sources.identity import image_id, stat_all, version_of  # noqa: F401  (the listing's terms)
 
 # `size` (bytes, when the store reports it) lets readers refuse an oversized object before reading it.
 LISTING = pa.schema(
@@ -19,20 +19,6 @@ LISTING = pa.schema(
      ("size", pa.int64())]
 )
 
-
-
-def image_id(uri: str, version: str) -> str:
-    """Stable id: the URI plus the object's version (ETag, or size and mtime), hashed."""
-    return hashlib.blake2b(f"{uri}\n{version}".encode(), digest_size=16).hexdigest()
-
-
-def version_of(info: dict) -> str:
-    """What changes when the object changes: S3's ETag, else size and modification time."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return f"etag:{etag.strip(chr(34))}"
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
-    return f"size:{info.get('size')}:mtime:{mtime}"
 
 
 def check_exists(cfg: SourceConfig, *, storage_options: dict | None = None) -> None:
@@ -95,20 +81,3 @@ def manifest(loc: storage.Location, storage_options: dict | None) -> pa.Table:
         raise SourceError(f"source.uri {loc.uri} does not exist")
     # The same reader as a Ray task's for one file of a sharded manifest: the same rows and ids.
     return manifests.read_manifest_file(loc.uri, 0, storage_options).drop_columns(["_order"])
-
-
-def stat_all(uris: list[str], storage_options: dict | None) -> dict[str, dict]:
-    """Version and size of many objects with one listing per folder instead of one request per object."""
-    by_dir = defaultdict(set)
-    for u in uris:
-        by_dir[posixpath.dirname(u)].add(u)
-    versions = {}
-    for folder, wanted in by_dir.items():
-        loc = storage.locate(folder, storage_options)
-        if not loc.fs.exists(loc.path):
-            continue  # the images stay listed and are quarantined as unreadable
-        for info in loc.fs.ls(loc.path, detail=True):
-            uri = loc.to_uri(info["name"])
-            if uri in wanted:
-                versions[uri] = {"version": version_of(info), "size": info.get("size")}
-    return versions

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ftl.config import SourceConfig
 from ftl.errors import SourceError
 from ftl.io import storage
+from ftl.sources import identity
 
 SUFFIXES = (".parquet", ".csv", ".csv.gz")
 ORDERED = pa.schema(list(pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()),
@@ -63,8 +64,6 @@ def manifest_files(cfg: SourceConfig, storage_options: dict | None) -> list[str]
 
 def read_manifest_file(uri: str, index: int, storage_options: dict | None) -> pa.Table:
     """One manifest file as ORDERED rows; relative URIs are resolved against the file's folder."""
-    from ftl.sources import listing
-
     loc = storage.locate(uri, storage_options)
     with loc.fs.open(loc.path, "rb", compression="infer") as f:
         table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f)
@@ -78,13 +77,13 @@ def read_manifest_file(uri: str, index: int, storage_options: dict | None) -> pa
         raise SourceError(f"manifest {uri} row {row} has an empty uri; remove the row or give the image's URI")
     versions = version_columns(table)
     if versions is None:  # no version in the manifest: one listing per folder its images live in
-        found = listing.stat_all(uris, storage_options)
+        found = identity.stat_all(uris, storage_options)
         versions = [found[u]["version"] if u in found else "missing" for u in uris]
         sizes = [found.get(u, {}).get("size") for u in uris]
     else:
         sizes = column(table, SIZE, pa.int64())
     return pa.table({
-        "image_id": [listing.image_id(u, v) for u, v in zip(uris, versions)],
+        "image_id": [identity.image_id(u, v) for u, v in zip(uris, versions)],
         "uri": uris,
         "label": strings(table, "label"),
         "split": strings(table, "split"),
@@ -94,7 +93,7 @@ def read_manifest_file(uri: str, index: int, storage_options: dict | None) -> pa
 
 
 def version_columns(table: pa.Table) -> list[str] | None:
-    """Each row's version from the manifest's own columns, in listing.version_of's terms; None if it has none."""
+    """Each row's version from the manifest's own columns, in identity.version_of's terms; None if it has none."""
     etag = column(table, ETAG, pa.string())
     if etag is not None:
         return ["etag:" + e.strip('"') if e else "missing" for e in etag.to_pylist()]
@@ -156,8 +155,6 @@ def inventory(cfg: SourceConfig, storage_options: dict | None) -> tuple[list[str
 
 def read_inventory_file(uri: str, index: int, how: dict, storage_options: dict | None) -> pa.Table:
     """One inventory data file as ORDERED rows: the current objects under the root with an image extension."""
-    from ftl.sources import listing
-
     loc = storage.locate(uri, storage_options)
     with loc.fs.open(loc.path, "rb", compression="gzip" if how["format"] == "csv" else None) as f:
         if how["format"] == "csv":  # no header; every value a string, keys URL-encoded
@@ -188,7 +185,7 @@ def read_inventory_file(uri: str, index: int, how: dict, storage_options: dict |
     for i in rows:
         uri_i = f"s3://{how['bucket']}/{keys[i]}"
         parts = keys[i][len(inside):].split("/")
-        ids.append(listing.image_id(uri_i, f"etag:{etags[i].strip(chr(34))}" if etags[i] else "missing"))
+        ids.append(identity.image_id(uri_i, f"etag:{etags[i].strip(chr(34))}" if etags[i] else "missing"))
         uris.append(uri_i)
         labels.append(parts[-2] if len(parts) >= 2 else None)
         splits.append(parts[-3] if len(parts) >= 3 else None)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ftl.config import SourceConfig
 from ftl.io import incremental, storage
-from ftl.sources import listing
+from ftl.sources import identity, listing
 
 SHARDS_FILE = "_shards.parquet"
 SHARDS = pa.schema([("uri", pa.string()), ("version", pa.string()), ("split", pa.string())])
@@ -35,7 +35,7 @@ def list_shards(cfg: SourceConfig, storage_options: dict | None) -> pa.Table:
         if path.endswith(".tar"):
             parts = posixpath.relpath(path, root.path).split("/")
             rows["uri"].append(root.to_uri(path))
-            rows["version"].append(listing.version_of(info))
+            rows["version"].append(identity.version_of(info))
             rows["split"].append(parts[-2] if len(parts) >= 2 else None)
     if not rows["uri"]:
         raise listing.SourceError(f"source.uri {root.uri} holds no .tar shards")
@@ -76,7 +76,7 @@ def superseded(out: storage.Location, todo: pa.Table, folders: tuple[str, ...]) 
             shard = pc.replace_substring_regex(batch.column("uri"), "#[^#]*$", "")
             rows = batch.filter(pc.is_in(shard, value_set=todo["uri"]))  # vectorised: most rows go here
             for image_id, uri in zip(rows.column("image_id").to_pylist(), rows.column("uri").to_pylist()):
-                if listing.image_id(uri, versions[uri.rpartition("#")[0]]) != image_id:
+                if identity.image_id(uri, versions[uri.rpartition("#")[0]]) != image_id:
                     stale.setdefault(folder, set()).add(image_id)
     return stale
 
@@ -157,7 +157,7 @@ def sample_row(uri: str, version: str, split: str | None, members: dict[str, byt
             label = members[label_key.lower()].decode("utf-8").strip()
         except UnicodeDecodeError as e:
             problem = f"label member .{label_key} is not UTF-8 text: {e}"
-    return {"image_id": listing.image_id(uri, version), "uri": uri, "label": label, "split": split,
+    return {"image_id": identity.image_id(uri, version), "uri": uri, "label": label, "split": split,
             "data": data or b"", "problem": problem}
 
 

@@ -14,7 +14,7 @@ from ftl.errors import TrackingError
 
 # The code the composed model carries: the Ray-free model package and the one module it needs besides.
 SHIPPED_CODE = ("__init__.py", "errors.py", "model")
-# What that code imports (tests/test_model_package.py checks the two against each other).
+# What that code imports (tests/model/test_model_package.py checks the two against each other).
 COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "fsspec")
 
 

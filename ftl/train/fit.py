@@ -19,10 +19,11 @@ from torch import nn
 
 from ftl.config import TrainConfig
 from ftl.errors import TrainError
-from ftl.io import storage
+from ftl.fitting import core, live
+from ftl.fitting.workers import all_reduce, run_config, torch_config, use_gpu
 from ftl.model import heads
-from ftl.train import core, memory, shards
-from ftl.train import progress as live
+from ftl.train import memory, shards
+from ftl.train.job import HeadJob
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
 MAX_FAILURES = 2  # worker-group restarts before a fit fails (see the FailureConfig below)
@@ -44,56 +45,50 @@ class Fit:
     estimate: int = 0  # bytes per worker that memory.need predicted
 
 
-def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=getattr(torch.distributed.ReduceOp, op.upper()))
-    return value
-
-
 def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the history and every worker's peak memory."""
     import ray.train.torch
 
     device = ray.train.torch.get_device()
     with memory.Peak() as peak:
-        out = train_worker(config, device=device)
+        out = train_worker(config["job"], device=device)
     # The largest peak of any worker; the private one is what memory.need estimates.
     peaks = all_reduce(torch.tensor([peak.rss, peak.private], device=device), "max").tolist()
     return {**out, "peak_rss": peaks[0], "peak_private": peaks[1]}
 
 
-def train_worker(config: dict, *, device: torch.device) -> dict:
+def train_worker(job: HeadJob, *, device: torch.device) -> dict:
     """One worker's fit: read the rows, fit the head (each weight decay), report the kept one."""
     import ray.train
 
-    cfg = TrainConfig.model_validate(config["train"])
+    cfg = job.train
     rank, world = ray.train.get_context().get_world_rank(), ray_world()
     per_worker = max(1, cfg.batch_size // world)
     torch.manual_seed(cfg.seed)
-    xv, yv = shards.shard_tensors("val", device, rows=config["rows"]["val"])
-    if config["stream"]:
+    xv, yv = shards.shard_tensors("val", device, rows=job.rows["val"])
+    if job.stream:
         x = y = None
-        rows = config["rows"]["train"] // world  # the equal split's size
+        rows = job.rows["train"] // world  # the equal split's size
     else:
-        x, y = shards.shard_tensors("train", device, rows=-(-config["rows"]["train"] // world))
+        x, y = shards.shard_tensors("train", device, rows=-(-job.rows["train"] // world))
         # Equal steps on every worker, or DDP would wait forever on the one with fewer.
         rows = int(all_reduce(torch.tensor(len(y), device=device), "min").item())
         x, y = x[:rows], y[:rows]
-    weight = torch.as_tensor(config["class_weights"], device=device) if config["class_weights"] else None
+    weight = torch.as_tensor(job.class_weights, device=device) if job.class_weights else None
     grid = cfg.weight_decay if isinstance(cfg.weight_decay, list) else [cfg.weight_decay]
     results = []
     for i, wd in enumerate(grid):
         # Rank 0 speaks for all: every worker takes the same early-stopping decision on the same val.
-        on_epoch = live.reporter(config["progress"] if rank == 0 else None, epochs=cfg.epochs, fit=i + 1,
+        on_epoch = live.reporter(job.progress if rank == 0 else None, epochs=cfg.epochs, fit=i + 1,
                                  fits=len(grid), what="weight decay", note=f"weight decay {wd:g}")
         torch.manual_seed(cfg.seed)
-        head = heads.build(config["head"], config["initial"]).to(device)
+        head = heads.build(job.head, job.initial).to(device)
         if cfg.optimizer == "lbfgs":
-            history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=config["lbfgs_iters"],
+            history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=job.lbfgs_iters,
                                             on_epoch=on_epoch)
         else:
             g = torch.Generator().manual_seed(cfg.seed + rank)
-            batches = (shards.streamed(device, batch_size=per_worker, seed=cfg.seed + rank) if config["stream"]
+            batches = (shards.streamed(device, batch_size=per_worker, seed=cfg.seed + rank) if job.stream
                        else shards.in_memory(x, y, batch_size=per_worker, generator=g))
             history, best_state = fit_adamw(cfg, head, batches, xv, yv, rows=rows, weight=weight, wd=wd,
                                             on_epoch=on_epoch)
@@ -208,8 +203,7 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch.
     """
     import ray.train
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
     hidden = cfg.hidden if cfg.head == "mlp" else []
@@ -223,25 +217,19 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     head_config = {"dim": dim, "classes": classes, "hidden": hidden, "dropout": cfg.dropout if hidden else 0.0}
     initial = heads.Head(dim, classes, hidden=hidden, mean=mean, std=std).state_dict()
     weights = heads.class_weights(y["train"], classes, cfg.class_weights)
-    use_gpu = cfg.use_gpu if isinstance(cfg.use_gpu, bool) else ray_has_gpu()
-    # Ray Train wants a pyarrow filesystem and, for S3, the bucket/key form of the path.
-    loc = storage.locate(storage_path, storage_options)
-    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.train.progress)
+    gpu = use_gpu(cfg.use_gpu)
+    # A head fits in seconds and, seeded, comes out the same: a restarted worker group fits it
+    # again from the start. Only the kept head is checkpointed, at the end.
+    loc, run = run_config(name=run_name, storage_path=storage_path, storage_options=storage_options,
+                          max_failures=MAX_FAILURES)
+    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.fitting.live)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "head": head_config, "initial": initial,
-                           "class_weights": None if weights is None else weights.tolist(), "stream": stream,
-                           "rows": rows, "lbfgs_iters": lbfgs_iters, "progress": shown.handle},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=loc.path, storage_filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            # A worker lost mid-fit (its node gone, killed for memory) restarts the worker group,
-            # which fits again from the start: a head fits in seconds and, seeded, comes out the
-            # same. Only the kept head is checkpointed, at the end. A third loss fails the fit.
-            failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
-        ),
+        train_loop_config={"job": HeadJob(
+            train=cfg, head=head_config, initial=initial, class_weights=None if weights is None else weights.tolist(),
+            stream=stream, rows=rows, lbfgs_iters=lbfgs_iters, progress=shown.handle)},
+        torch_config=torch_config(gpu), scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu),
+        run_config=run,
         datasets={"train": shards.to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2),
                                       seed=cfg.seed if stream else None),
                   "val": shards.to_dataset(x["val"], y["val"], blocks=1)},
@@ -263,8 +251,3 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
                seconds=time.perf_counter() - started, streamed=stream, peak_rss=out["peak_rss"],
                peak_private=out["peak_private"], estimate=need.streamed if stream else need.held)
 
-
-def ray_has_gpu() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0

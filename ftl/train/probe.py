@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ftl.fitting import core
 from ftl.model import heads
-from ftl.train import core
 
 
 @dataclass

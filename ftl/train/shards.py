@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl.train import core, memory
+from ftl.fitting import core
+from ftl.train import memory
 
 SHUFFLE_ROWS = 16384  # rows a streamed epoch shuffles among, at least
 

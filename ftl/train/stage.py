@@ -7,10 +7,11 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ftl import config, tracking
+from ftl import tracking
 from ftl.config import Workflow
+from ftl.fitting import checks, features, register
 from ftl.io import storage
-from ftl.train import checks, features, fit, memory, register
+from ftl.train import fit, memory
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def train(wf: Workflow, *, data: features.FeatureData, backbone, registered: str
     lineage = register.lineage(data, extraction_run=extraction_run)
     with tracking.start(wf.tracking, name=f"train-{wf.train.head}-{layer}", stage="train",
                         tags={**lineage, "ftl.train_key": key, "ftl.model": "", **checks.tag(warnings)}) as run_id:
-        log_inputs(wf, data=data, rows=rows, extraction_run=extraction_run)
+        register.log_inputs(wf, data=data, rows=rows, extraction_run=extraction_run)
         fitted = fit_head(wf, data=data, run_name=f"{wf.name}-{run_id}")
         metrics = register.log_evaluation(fitted.head, data=data)
         models = register.log_models(fitted.head, backbone=backbone, data=data, registered=registered,
@@ -94,23 +95,6 @@ def train(wf: Workflow, *, data: features.FeatureData, backbone, registered: str
                        best=fitted.best, model=models.image, head_model=models.head, checkpoint=fitted.checkpoint,
                        seconds=time.perf_counter() - started, extraction_run=extraction_run,
                        notes=models.notes + (streamed if fitted.streamed else []), warnings=warnings)
-
-
-def log_inputs(wf: Workflow, *, data: features.FeatureData, rows: dict[str, int], extraction_run: str | None) -> None:
-    """The resolved workflow, what identifies the features, the class names, and the features as a dataset."""
-    prov, layer = data.provenance, data.layer
-    tracking.log_params({
-        **config.mask_secrets(wf.model_dump(mode="json")),
-        "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"], "layer": layer["name"],
-        "feature_dim": layer["dim"], "features_uri": data.uri, "classes": len(data.classes),
-        "rows": rows, "split_source": data.split_source, "extraction_run": extraction_run or "none",
-        "features_version": data.version,
-    })
-    tracking.log_text(config.to_yaml(wf), "workflow.yaml")
-    tracking.log_text("\n".join(data.classes) + "\n", "classes.txt")
-    tracking.log_dataset(data.uri, name=f"features-{prov['feature_set']}", digest=data.digest, context="training",
-                         tags={"layer": layer["name"], "rows": sum(rows.values()), "version": data.version},
-                         version=data.version)
 
 
 def fit_head(wf: Workflow, *, data: features.FeatureData, run_name: str) -> fit.Fit:

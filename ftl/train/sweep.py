@@ -1,8 +1,7 @@
-"""Sweep: which backbone, and which of its layers, gives the best features for this data?
+"""Sweep's heads: which backbone, and which of its layers, gives the best features for this data?
 
-Per backbone: extract once, tapping all its layers in one forward pass (reusing what is
-already extracted), then fit a head for every layer × lr × weight decay in one pass over the
-cached features (`ftl/train/probe.py` says why that and not Ray Tune). The best trial on val
+Given each backbone's extracted layers (ftl.flows.sweep extracts them), fit a head for every
+layer × lr × weight decay in one pass over the cached features (`ftl/train/probe.py` says why that and not Ray Tune). The best trial on val
 accuracy (ties: lower val log loss) is evaluated on test once, then logged and registered as
 `ftl train` does: the head and the composed image → class model. MLflow gets one parent run
 and a child run per trial, all children with the same param and metric names.
@@ -11,8 +10,6 @@ and a child run per trial, all children with the same param and metric names.
 from __future__ import annotations
 
 import os
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -20,13 +17,11 @@ from typing import NamedTuple
 import numpy as np
 
 from ftl import config, tracking
-from ftl.config import SweepBackbone, Workflow
+from ftl.config import Workflow
 from ftl.errors import TrainError
-from ftl.extract import stage as extract
-from ftl.io import storage
-from ftl.model import backbones, heads
-from ftl.train import checks, evaluate, features, plots, probe, register
-from ftl.train import progress as live
+from ftl.fitting import checks, evaluate, features, live, plots, register
+from ftl.model import heads
+from ftl.train import probe
 
 KEY_METRICS = ("accuracy", "log_loss", "macro_f1", "mean_per_class_accuracy", "top5_accuracy")
 
@@ -37,7 +32,6 @@ class SweepResult:
 
     run_id: str
     link: str
-    extractions: list[extract.ExtractResult]
     trials: list[dict]  # one row per trial, as in trials.csv
     best: dict
     metrics: dict[str, float]  # the chosen head on val and test
@@ -48,8 +42,7 @@ class SweepResult:
     warnings: list[str] = field(default_factory=list)  # about the splits (checks.check), also the run's ftl.warnings
 
     def summary(self) -> str:
-        lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]"
-                 for r in self.extractions]
+        lines = []
         for (backbone, weights), layers in curve(self.trials).items():
             lines.append(f"val accuracy by layer, {backbone} ({weights}): "
                          + "  ".join(f"{name} {acc:.4f}" for name, acc in layers.items()))
@@ -73,45 +66,6 @@ def curve(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def output_of(wf: Workflow, entry: SweepBackbone) -> str:
-    """Each backbone and weights into its own folder under extract.output."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(entry.weights.rstrip("/")) or entry.weights)
-    return storage.locate(wf.extract.output, wf.storage.options).join(f"{entry.backbone}-{slug}").uri
-
-
-def plan(wf: Workflow) -> list[Workflow]:
-    """One extraction workflow per swept backbone; layers, weights and dims checked before any work."""
-    # Without sweep.backbones, the extract section is the one backbone, with its own layers when it lists any.
-    entries = wf.sweep.backbones or [SweepBackbone(backbone=wf.extract.backbone, weights=wf.extract.weights,
-                                                   layers=wf.extract.layers)]
-    where = "sweep.backbones" if wf.sweep.backbones else "extract"
-    subs, seen = [], {}
-    for i, entry in enumerate(entries):
-        path = f"sweep.backbones[{i}]" if wf.sweep.backbones else "extract"
-        backbones.check_name(entry.backbone)
-        layers = backbones.check_layers(entry.backbone, entry.layers or backbones.stage_layers(entry.backbone),
-                                        path=f"{path}.layers")
-        say(f"sweep: {entry.backbone} ({entry.weights}): tapping {', '.join(layers)} "
-            + (f"(from {path}.layers)" if entry.layers else
-               f"(its evenly spaced stages: {path}.layers lists none)"))
-        key = (entry.backbone, entry.weights)
-        if key in seen:
-            raise config.WorkflowError(f"{path}: {entry.backbone} with weights {entry.weights} is already "
-                                       f"{where}[{seen[key]}]; list its layers once, in one entry")
-        seen[key] = i
-        ext = wf.extract.model_copy(update={"backbone": entry.backbone, "weights": entry.weights, "layers": layers,
-                                            "output": output_of(wf, entry)})
-        sub = wf.model_copy(update={"extract": ext})
-        extract.plan(sub)  # resolves the weights and the dims of every layer, on the driver
-        subs.append(sub)
-    return subs
-
-
-def say(text: str) -> None:
-    """A line for the user before the work starts, beside the progress lines (stderr); the summary is stdout."""
-    print(text, file=sys.stderr, flush=True)
-
-
 def load_layers(sub: Workflow) -> dict[str, features.FeatureData]:
     """Every extracted layer of one backbone, with the same rows in the same order."""
     t = sub.train
@@ -131,36 +85,39 @@ def rank(row: dict) -> tuple[float, float]:
     return row["val/accuracy"], -row["val/log_loss"]
 
 
-def run(wf: Workflow) -> SweepResult:
-    """Extract every swept backbone's layers, fit all heads, keep and register the best."""
-    started = time.perf_counter()
-    subs = plan(wf)  # before any work: a bad layer list fails here
+@dataclass(frozen=True)
+class FeatureSet:
+    """One backbone's extracted layers, as the sweep fits heads on them."""
+
+    workflow: Workflow  # its own workflow: the extract section names the backbone, weights, layers, output
+    uri: str  # the features table
+    version: int | None
+    provenance: dict
+    extraction_run: str
+
+
+def run(wf: Workflow, sets: list[FeatureSet], *, started: float) -> SweepResult:
+    """Fit every head on every feature set; keep, evaluate and register the best. One parent MLflow run."""
     params = config.mask_secrets(wf.model_dump(mode="json"))
-    extracted = []
-    for sub in subs:
-        result = extract.run(sub)
-        extracted.append((sub, result, tracking.log_extraction(sub.tracking, workflow=wf.name, result=result,
-                                                               params=params)))
     tracking.setup(wf.tracking, wf.name)
     with tracking.start(wf.tracking, name="sweep", stage="sweep") as run_id:
         tracking.log_params(params)
         tracking.log_text(config.to_yaml(wf), "workflow.yaml")
-        for _, result, _ in extracted:  # the parent run's lineage: the feature sets it chose among
-            prov = result.provenance
-            tracking.log_dataset(result.features_uri, name=f"features-{prov['feature_set']}",
-                                 digest=prov["feature_set"], context="training",
-                                 version=result.versions.get("features"),
+        for fs in sets:  # the parent run's lineage: the feature sets it chose among
+            prov = fs.provenance
+            tracking.log_dataset(fs.uri, name=f"features-{prov['feature_set']}", digest=prov["feature_set"],
+                                 context="training", version=fs.version,
                                  tags={"backbone": prov["backbone"], "layers": ",".join(l["name"] for l in prov["layers"])})
-        rows, chosen, warnings = fit_all(wf, extracted)
+        rows, chosen, warnings = fit_all(wf, sets)
         with tracking.temp_dir() as tmp:
             tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
             tracking.log_file(plots.layer_curve_png(curve(rows), os.path.join(tmp, "layer_val_accuracy.png")))
         metrics = register.log_evaluation(chosen.head, data=chosen.data)  # the one and only look at test
         models = register_best(chosen, registered=wf.tracking.registered_model or wf.name, run_id=run_id,
                                trials=len(rows))
-    return SweepResult(run_id=run_id, link=tracking.run_link(run_id), extractions=[r for _, r, _ in extracted],
-                       trials=rows, best=chosen.row, metrics=metrics, model=models.image, head_model=models.head,
-                       seconds=time.perf_counter() - started, notes=models.notes, warnings=warnings)
+    return SweepResult(run_id=run_id, link=tracking.run_link(run_id), trials=rows, best=chosen.row, metrics=metrics,
+                       model=models.image, head_model=models.head, seconds=time.perf_counter() - started,
+                       notes=models.notes, warnings=warnings)
 
 
 class Chosen(NamedTuple):
@@ -173,18 +130,19 @@ class Chosen(NamedTuple):
     extraction_run: str
 
 
-def fit_all(wf: Workflow, extracted: list[tuple]) -> tuple[list[dict], Chosen, list[str]]:
+def fit_all(wf: Workflow, sets: list[FeatureSet]) -> tuple[list[dict], Chosen, list[str]]:
     """A row per trial of every backbone, the chosen one marked; the chosen trial; warnings about the splits."""
     rows, chosen, warnings = [], None, {}
     t = wf.train
     with live.training("sweep", remote=False) as shown:  # the heads train here, in the driver
-        for k, (sub, _, extraction_run) in enumerate(extracted):
+        for k, fs in enumerate(sets):
+            sub, extraction_run = fs.workflow, fs.extraction_run
             data = load_layers(sub)
             # Before fitting: every backbone's splits, said once when they agree (the same images: they do).
             found = checks.check(next(iter(data.values())), val_fraction=t.val_fraction, test_fraction=t.test_fraction)
             warnings.update(dict.fromkeys(found))
             tracking.set_tags(checks.tag(list(warnings)))
-            on_epoch = reporter(shown.handle, wf, sub, fit=k + 1, fits=len(extracted))
+            on_epoch = reporter(shown.handle, wf, sub, fit=k + 1, fits=len(sets))
             for row, head in sweep_backbone(wf, sub, data, extraction_run, on_epoch=on_epoch):
                 rows.append(row)
                 if chosen is None or rank(row) > rank(chosen.row):

@@ -1,0 +1,1 @@
+"""Composition: the only place where stages meet (run, sweep, probe-then-finetune)."""

@@ -1,0 +1,1 @@
+"""Test helpers: services, clusters, proxies and the checks the tests share."""
