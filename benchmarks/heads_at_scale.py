@@ -51,9 +51,9 @@ def methods(args) -> list[tuple[str, TrainConfig, bool]]:
 
 
 def refusal(cfg: TrainConfig, stream: bool, args) -> str | None:
-    """Why ftl would not run this method at this size (memory.plan, with the memory free now), or None."""
+    """Why ftl would not run this method at this size (memory.decide, with the memory free now), or None."""
     try:
-        must_stream, need, budget = memory.plan(cfg, rows=args.rows, val_rows=max(1, args.rows // 20), dim=args.dims,
+        must_stream, need, budget = memory.decide(cfg, rows=args.rows, val_rows=max(1, args.rows // 20), dim=args.dims,
                                                 classes=args.classes)
     except TrainError as e:
         return f"refused before starting: {e}"

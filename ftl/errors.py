@@ -9,12 +9,15 @@ from collections.abc import Iterator
 
 
 def chain(e: BaseException | None) -> Iterator[BaseException]:
-    """`e`, then what it was raised from or during, and so on, each once."""
+    """`e`, then what it was raised from or during, and so on, each once.
+
+    Ray hands a task's own exception back as the `cause` of its RayTaskError: followed first.
+    """
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or e.__context__
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
 
 
 class FtlError(Exception):

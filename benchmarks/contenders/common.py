@@ -42,7 +42,7 @@ def model(s: dict):
     from ftl.extract import embed, stage
     from ftl.pipeline import runtime
 
-    spec, prov = stage.plan(config.validate(workflow_data(s), source="benchmark"))
+    spec, prov = stage.model_spec(config.validate(workflow_data(s), source="benchmark"))
     torch.set_num_threads(s["threads"])
     tap = runtime.place(embed.build_tap(spec, channels_last=True, storage_options=None), device=s["device"],
                         channels_last=True, compile=s["compile"])

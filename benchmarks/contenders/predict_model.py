@@ -25,7 +25,7 @@ def main() -> None:
     from ftl.extract import stage
     from ftl.model import classifier, heads, weights
 
-    spec, prov = stage.plan(config.validate(common.workflow_data(s), source="benchmark"))
+    spec, prov = stage.model_spec(config.validate(common.workflow_data(s), source="benchmark"))
     layer = prov["layers"][0]
     torch.manual_seed(0)
     head = heads.Head(layer["dim"], len(CLASSES))

@@ -53,7 +53,7 @@ def main() -> None:
         parts[label] = now - clock
         clock = now
 
-    spec, _ = stage.plan(wf)
+    spec, _ = stage.model_spec(wf)
     lap("plan: weights sha256, layer dims")
     images, _ = stage.list_source(wf)
     lap("listing")

@@ -62,9 +62,9 @@ def main() -> None:
     s = gpu.settings(args, decode=args.decode)
     started = time.perf_counter()
     wf = config.validate(common.workflow_data(s), source="benchmark")
-    spec, prov = stage.plan(wf)
+    spec, prov = stage.model_spec(wf)
     cpus = float(len(os.sched_getaffinity(0)))
-    tuned = tuning.resolve(wf.extract, tuning.Hardware(gpus=int(args.device == "cuda"), node_cpus=(cpus,)),
+    tuned = tuning.settings_for(wf.extract, tuning.Hardware(gpus=int(args.device == "cuda"), node_cpus=(cpus,)),
                            crop=spec.preprocess.crop)
     rt = tuned.runtime
     actor = Embedder(spec, prov=prov, runtime=rt)

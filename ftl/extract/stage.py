@@ -76,7 +76,7 @@ def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.P
     return imaging.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
 
 
-def plan(wf: Workflow) -> tuple[ModelSpec, dict]:
+def model_spec(wf: Workflow) -> tuple[ModelSpec, dict]:
     """Validate layers and resolve weights on the driver, before any Ray work starts."""
     cfg = wf.extract
     layers = backbones.check_layers(cfg.backbone, cfg.layers)
@@ -110,7 +110,7 @@ def run(wf: Workflow) -> ExtractResult:
     """Extract features for every listed image not yet in the output; one run per output at a time."""
     cfg = wf.extract
     started = time.perf_counter()
-    spec, prov = plan(wf)
+    spec, prov = model_spec(wf)
     out = storage.locate(cfg.output, wf.storage.options)
     listing.check_exists(wf.source, storage_options=wf.storage.options)  # before the output is touched
     schemas = {FEATURES: schema.features(prov), QUARANTINE: schema.QUARANTINE}
@@ -157,7 +157,7 @@ def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dic
         return counts
     cfg = wf.extract
     sink = feature_sink(out, prov, rows_per_file=cfg.rows_per_file, fence=fence)
-    tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
+    tuned = tuning.settings_for(cfg, tuning.Hardware.of_cluster(), crop=spec.preprocess.crop)
     counts["settings"] = tuned.describe()
     todo = None if shards is not None else counts["listed"] - counts["already_done"]  # shards: known as read
     with Progress("extract", total=todo) as progress:

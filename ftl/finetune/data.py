@@ -85,7 +85,7 @@ class Prefix(ModelActor):
 def cached(rows: pa.Table, *, spec: NetSpec, states: dict, pre: imaging.Preprocess, pipeline: PipelineConfig,
            storage_options: dict | None):
     """Rows → the prefix's output, computed once by extract's plan and held in the object store."""
-    tuned = tuning.resolve(pipeline, tuning.Hardware.of_cluster(), crop=pre.crop)
+    tuned = tuning.settings_for(pipeline, tuning.Hardware.of_cluster(), crop=pre.crop)
     ds = plan.build(plan.blocks(rows, rows=tuned.reader_batch_size), actor=Prefix, pre=pre, tuned=tuned,
                     actor_kwargs={"spec": spec, "states": states, "runtime": tuned.runtime, "pre": pre}, storage_options=storage_options)
     ds.context.execution_options = ordered(ds.context.execution_options)

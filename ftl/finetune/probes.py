@@ -52,7 +52,7 @@ def registered(wf: Workflow, uri: str) -> tuple[str | None, str | None]:
     found = tracking.find_probes(feature_set(uri, wf.storage.options))
     sweep_layer = next((p["layer"] for p in found if p["stage"] == "sweep"), None)
     if wf.finetune.probe:  # models:/name@champion as the version it is now: the run's key and tags stay true
-        return champion.resolve(wf.finetune.probe), sweep_layer
+        return champion.pin(wf.finetune.probe), sweep_layer
     linear = [p for p in found if p["head"] == "linear"]
     return (linear[0]["model"] if linear else None), sweep_layer
 

@@ -35,7 +35,7 @@ class SweepRun:
 def run(wf: Workflow) -> SweepRun:
     """Extract every swept backbone's layers, fit all heads, keep and register the best."""
     started = time.perf_counter()
-    subs = plan(wf)  # before any work: a bad layer list fails here
+    subs = plan_extractions(wf)  # before any work: a bad layer list fails here
     params = config.mask_secrets(wf.model_dump(mode="json"))
     extractions, sets = [], []
     for sub in subs:
@@ -53,7 +53,7 @@ def output_of(wf: Workflow, entry: SweepBackbone) -> str:
     return storage.locate(wf.extract.output, wf.storage.options).join(f"{entry.backbone}-{slug}").uri
 
 
-def plan(wf: Workflow) -> list[Workflow]:
+def plan_extractions(wf: Workflow) -> list[Workflow]:
     """One extraction workflow per swept backbone; layers, weights and dims checked before any work."""
     # Without sweep.backbones, the extract section is the one backbone, with its own layers when it lists any.
     entries = wf.sweep.backbones or [SweepBackbone(backbone=wf.extract.backbone, weights=wf.extract.weights,
@@ -76,7 +76,7 @@ def plan(wf: Workflow) -> list[Workflow]:
         ext = wf.extract.model_copy(update={"backbone": entry.backbone, "weights": entry.weights, "layers": layers,
                                             "output": output_of(wf, entry)})
         sub = wf.model_copy(update={"extract": ext})
-        extract.plan(sub)  # resolves the weights and the dims of every layer, on the driver
+        extract.model_spec(sub)  # resolves the weights and the dims of every layer, on the driver
         subs.append(sub)
     return subs
 

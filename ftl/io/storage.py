@@ -82,7 +82,7 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
     return {**opts, "client_kwargs": client_kwargs}
 
 
-def resolve(base: Location, uri: str) -> str:
+def resolve_relative(base: Location, uri: str) -> str:
     """A manifest's URI, made absolute against `base` when it is relative."""
     if uri.startswith("file://"):
         return uri.removeprefix("file://")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ftl import logs
-from ftl.errors import FtlError
+from ftl.errors import FtlError, chain
 from ftl.model import imaging
 from ftl.pipeline import readers
 from ftl.pipeline.tuning import Tuning
@@ -117,7 +117,7 @@ def write(ds, sink) -> None:
             # of a 4.5-minute run was committed in its last 8 s (a killed run kept nothing).
             ds.write_datasink(sink, ray_remote_args={"max_retries": TASK_RETRIES, "num_cpus": 0})
     except Exception as e:
-        ours = next((c for c in causes(e) if isinstance(c, FtlError)), None)  # e.g. a lost lease, said plainly
+        ours = next((c for c in chain(e) if isinstance(c, FtlError)), None)  # e.g. a lost lease, said plainly
         if ours is not None:
             raise ours from None
         raise FtlError(
@@ -126,11 +126,3 @@ def write(ds, sink) -> None:
             f"missing. A worker that dies on the same images each time (killed for memory?) points at an image "
             f"over what a worker can hold: lower extract.max_image_pixels or max_image_bytes.") from e
 
-
-def causes(e: BaseException):
-    """`e` and what it wraps: Ray hands a task's own exception back as the cause of its RayTaskError."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__

@@ -69,7 +69,7 @@ class Tuning:
                    if self.waits_for_gpus else ""))
 
 
-def resolve(cfg: PipelineConfig, hw: Hardware, *, crop: int) -> Tuning:
+def settings_for(cfg: PipelineConfig, hw: Hardware, *, crop: int) -> Tuning:
     """Fill every unset pipeline setting from `hw` for images of `crop` pixels; pinned settings are kept."""
     # device=cuda with no GPU in the cluster yet: the actors ask for one, and an autoscaling
     # cluster (cluster.yaml's gpu_spot workers start at 0) adds GPU nodes for them.

@@ -109,7 +109,7 @@ def predict_into(out, cfg: PredictConfig, model, listed: tuple[pa.Table, int], *
     import ray
 
     k = min(cfg.top_k, len(model.classes))
-    tuned = tuning.resolve(cfg, tuning.Hardware.of_cluster(), crop=model.preprocess.crop)
+    tuned = tuning.settings_for(cfg, tuning.Hardware.of_cluster(), crop=model.preprocess.crop)
     sink = SplitSink(out, folder=PREDICTIONS, schema=output_schema(k), rows_per_file=cfg.rows_per_file,
                      quarantine_from={"label": "true_label"}, fence=fence)
     kwargs = {"files": ray.put(model.files()), "identity": model.identity, "k": k, "runtime": tuned.runtime}

@@ -71,7 +71,7 @@ def read_manifest_file(uri: str, index: int, storage_options: dict | None) -> pa
         raise SourceError(f"manifest {uri} has no 'uri' column; columns: {table.column_names}. Name the image "
                           f"column 'uri' (label and split are optional)")
     base = storage.Location(loc.fs, posixpath.dirname(loc.path))
-    uris = [storage.resolve(base, u) if u else None for u in table["uri"].to_pylist()]
+    uris = [storage.resolve_relative(base, u) if u else None for u in table["uri"].to_pylist()]
     if any(u is None for u in uris):
         row = uris.index(None)
         raise SourceError(f"manifest {uri} row {row} has an empty uri; remove the row or give the image's URI")

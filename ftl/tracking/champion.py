@@ -60,7 +60,7 @@ def active_metric(key: str) -> float | None:
     return mlflow.get_run(run.info.run_id).data.metrics.get(key) if run else None
 
 
-def resolve(uri: str) -> str:
+def pin(uri: str) -> str:
     """models:/name@alias as the version it points at now; anything else as it is.
 
     What ftl records (tags, keys of finished work) names a fixed version, so a later move of the

@@ -2,7 +2,7 @@
 
 Each worker holds its shard in memory when it fits (features are small next to images), so
 an epoch costs a pass over a tensor, not a pass through the Ray Data pipeline. When it does
-not fit (`memory.plan`), AdamW streams the shard through Ray Data in batches every epoch, and
+not fit (`memory.decide`), AdamW streams the shard through Ray Data in batches every epoch, and
 L-BFGS, which is full-batch, stops before starting and says so. Val is given whole to every
 worker, so all of them take the same early-stopping decision.
 """
@@ -210,7 +210,7 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     rows = {s: len(y[s]) for s in ("train", "val")}
     dim = x["train"].shape[1]
     # Before anything is copied: an L-BFGS split that cannot fit stops here, with the numbers.
-    auto, need, _ = memory.plan(cfg, rows=rows["train"], val_rows=rows["val"], dim=dim, classes=classes)
+    auto, need, _ = memory.decide(cfg, rows=rows["train"], val_rows=rows["val"], dim=dim, classes=classes)
     stream = auto or bool(stream) and cfg.optimizer == "adamw"  # forcing can only add streaming, never overfill
     torch.manual_seed(cfg.seed)  # the initial head, shared by every worker and sweep value
     mean, std = core.standardisation(x["train"])

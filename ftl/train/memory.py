@@ -93,7 +93,7 @@ def budget(workers: int, *, staged: int = 0) -> tuple[int, str]:
     return per_worker, source
 
 
-def plan(cfg: TrainConfig, *, rows: int, val_rows: int, dim: int, classes: int) -> tuple[bool, Need, int]:
+def decide(cfg: TrainConfig, *, rows: int, val_rows: int, dim: int, classes: int) -> tuple[bool, Need, int]:
     """Whether the train shard streams through Ray Data (AdamW past the budget); raises if L-BFGS cannot fit."""
     optimizer, workers = cfg.optimizer, cfg.workers
     n = need(optimizer=optimizer, rows=rows, val_rows=val_rows, dim=dim, classes=classes,

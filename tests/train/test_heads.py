@@ -83,15 +83,15 @@ def test_lbfgs_that_cannot_fit_says_so_with_the_numbers_and_adamw_streams(ray_ru
     rows = 2 * share // (dim * memory.FLOAT)  # twice what a worker may hold, whatever this machine has free
     shape = {"rows": rows, "val_rows": 1000, "dim": dim, "classes": 1000}
     with pytest.raises(TrainError) as e:
-        memory.plan(TrainConfig(optimizer="lbfgs"), **shape)
+        memory.decide(TrainConfig(optimizer="lbfgs"), **shape)
     message = str(e.value)
     assert f"must hold its {rows:,} train rows × 1,280 dims × 4 bytes = {memory.gib(rows * dim * 4)} GiB" in message
     need, available = (float(v) for v in re.search(r"about ([\d.]+) GiB per worker, but a worker may use ([\d.]+) GiB",
                                                    message).groups())
     assert need > available and "Use train.optimizer=adamw" in message
-    stream, estimate, budget = memory.plan(TrainConfig(optimizer="adamw"), **shape)
+    stream, estimate, budget = memory.decide(TrainConfig(optimizer="adamw"), **shape)
     assert stream and estimate.streamed < budget < estimate.held
-    assert memory.plan(TrainConfig(optimizer="lbfgs"), **{**shape, "rows": 10_000})[0] is False
+    assert memory.decide(TrainConfig(optimizer="lbfgs"), **{**shape, "rows": 10_000})[0] is False
 
 
 def shapes(groups: list[dict]) -> list[list[tuple]]:
