@@ -100,7 +100,7 @@ def image_id(path: str) -> str:
 
 
 def rows_table(paths: list[str], idx: list[int], widths, heights, feats: dict[str, np.ndarray],
-               prov: dict, schema: pa.Schema) -> pa.Table:
+               prov, schema: pa.Schema) -> pa.Table:
     """One batch as the same Arrow table ftl writes: base columns plus a fixed_size_list per layer."""
     sel = [paths[i] for i in idx]
     parts = [Path(p).parts for p in sel]
@@ -112,9 +112,9 @@ def rows_table(paths: list[str], idx: list[int], widths, heights, feats: dict[st
         pa.array(np.asarray(widths, dtype=np.int32)),
         pa.array(np.asarray(heights, dtype=np.int32)),
     ]
-    for layer in prov["layers"]:
-        values = feats[layer["name"]].astype(np.float32, copy=False).reshape(-1)
-        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values), layer["dim"]))
+    for layer in prov.layers:  # ftl.io.schema.Provenance
+        values = feats[layer.name].astype(np.float32, copy=False).reshape(-1)
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values), layer.dim))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -139,7 +139,6 @@ def part2(objects: int, latency: float, folders: int) -> dict:
     import _s3_listing_server
     import ray
     import s3fs
-
     from tests.proxy import Proxy
 
     keys = [f"images/train/c{i % folders:04d}/{i:09d}.jpg" for i in range(objects)]

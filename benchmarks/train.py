@@ -75,8 +75,8 @@ def main() -> None:
     uri = args.features or feature_set(args.per_class)
     data = features.load(uri, layer=None, val_fraction=0.1, test_fraction=0.2)
     n = len(data.y["train"])
-    print(f"features {uri}: train {n}, val {data.rows('val')}, test {data.rows('test')} x {data.layer['dim']} "
-          f"({data.layer['name']}); {os.cpu_count()} CPUs, {args.workers} Ray Train worker(s)")
+    print(f"features {uri}: train {n}, val {data.rows('val')}, test {data.rows('test')} x {data.layer.dim} "
+          f"({data.layer.name}); {os.cpu_count()} CPUs, {args.workers} Ray Train worker(s)")
     grid = [1 / (c * n) for c in C_GRID]  # sklearn's C as a mean-loss weight decay
     storage = str(CACHE / "checkpoints")
     rows = [("scikit-learn LogisticRegression(lbfgs), C tuned", *sklearn_probe(data))]

@@ -26,12 +26,12 @@ def main() -> None:
     from ftl.model import classifier, heads, weights
 
     spec, prov = stage.model_spec(config.validate(common.workflow_data(s), source="benchmark"))
-    layer = prov["layers"][0]
+    layer = prov.layers[0]
     torch.manual_seed(0)
-    head = heads.Head(layer["dim"], len(CLASSES))
+    head = heads.Head(layer.dim, len(CLASSES))
     where = Path(s["output"])
     folder = classifier.save(str(where / "files"), head=head, backbone=weights.load(spec.backbone, spec.weights),
-                             provenance=prov, layer={"name": layer["name"], "pooling": layer["pooling"]},
+                             provenance=prov.to_dict(), layer={"name": layer.name, "pooling": layer.pooling},
                              classes=CLASSES)
     with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp:
         mlflow.pyfunc.save_model(str(where / "model"), loader_module="ftl.model.classifier", data_path=folder,

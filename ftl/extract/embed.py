@@ -62,12 +62,12 @@ def build_tap(spec: ModelSpec, *, channels_last: bool, storage_options: dict | N
 class Embedder(ModelActor):
     """Decoded batches → one fixed_size_list column per tapped layer; failed rows pass through empty."""
 
-    def __init__(self, spec: ModelSpec, *, prov: dict, runtime: Runtime, storage_options: dict | None = None,
+    def __init__(self, spec: ModelSpec, *, prov: schema.Provenance, runtime: Runtime, storage_options: dict | None = None,
                  progress=None):
         super().__init__(runtime, pre=spec.preprocess, progress=progress)
         self.tap = self.place(build_tap(spec, channels_last=runtime.channels_last, storage_options=storage_options))
-        self.columns = [(l["name"], l["column"], l["dim"]) for l in prov["layers"]]
-        self.np_dtype = np.float16 if prov["feature_dtype"] == "float16" else np.float32
+        self.columns = [(l.name, l.column, l.dim) for l in prov.layers]
+        self.np_dtype = np.float16 if prov.feature_dtype == "float16" else np.float32
 
     def forward(self, pixels: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8, on the host or the device → {layer: (N, D)} on the host."""

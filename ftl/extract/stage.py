@@ -32,7 +32,7 @@ class ExtractResult(Tally):
     features_uri: str
     quarantine_uri: str
     feature_set: str
-    provenance: dict = field(repr=False)
+    provenance: schema.Provenance = field(repr=False)
     duplicates: int = 0  # rows of a manifest naming an image already listed: one image, extracted once
     shards_skipped: int = 0  # WebDataset shards finished by an earlier run, not opened
     superseded: int = 0  # old rows of images that changed since they were extracted
@@ -57,8 +57,7 @@ class ExtractResult(Tally):
             lines.append(f"ran on {self.settings}")
         lines += [f"features:   {self.features_uri}{version(self.versions.get(FEATURES))}",
                   f"quarantine: {self.quarantine_uri}{version(self.versions.get(QUARANTINE))}",
-                  f"feature set {self.feature_set}: {self.provenance['backbone']} "
-                  f"{[l['name'] for l in self.provenance['layers']]}"]
+                  f"feature set {self.feature_set}: {self.provenance.backbone} {self.provenance.layer_names}"]
         return "\n".join(lines)
 
 
@@ -76,7 +75,7 @@ def resolve_preprocess(cfg: ExtractConfig, ref: weights.WeightsRef) -> imaging.P
     return imaging.Preprocess(merged["resize"], merged["crop"], tuple(merged["mean"]), tuple(merged["std"]))
 
 
-def model_spec(wf: Workflow) -> tuple[ModelSpec, dict]:
+def model_spec(wf: Workflow) -> tuple[ModelSpec, schema.Provenance]:
     """Validate layers and resolve weights on the driver, before any Ray work starts."""
     cfg = wf.extract
     layers = backbones.check_layers(cfg.backbone, cfg.layers)
@@ -94,7 +93,7 @@ def model_spec(wf: Workflow) -> tuple[ModelSpec, dict]:
     return spec, prov
 
 
-def mismatch(existing: dict, prov: dict) -> ExtractError:
+def mismatch(existing: dict, prov: dict) -> ExtractError:  # both as stored
     differ = ", ".join(schema.differences(existing, prov))
     return ExtractError(f"the output already holds feature set {existing['feature_set']}, which differs in: {differ}. "
                         f"Set extract.output to a new location for this feature set.")
@@ -115,15 +114,16 @@ def run(wf: Workflow) -> ExtractResult:
     listing.check_exists(wf.source, storage_options=wf.storage.options)  # before the output is touched
     schemas = {FEATURES: schema.features(prov), QUARANTINE: schema.QUARANTINE}
     # The lease comes before the listing: a run learns at once that another holds the output.
-    with output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage, what="extraction",
-                        mismatch=mismatch, schemas=schemas, description=prov,
+    stored = prov.to_dict()
+    with output.writing(out, identity=stored, key="feature_set", storage_cfg=wf.storage, what="extraction",
+                        mismatch=mismatch, schemas=schemas, description=stored,
                         recover=lambda: provenance_of_parts(out)) as held:
         listed = list_source(wf)
         counts = extract_into(out, wf, spec, prov, listed, fence=held.fence)
         counts["versions"] = held.versions()
     result = ExtractResult(**counts, seconds=time.perf_counter() - started, output=out.uri,
                            features_uri=out.join(FEATURES).uri, quarantine_uri=out.join(QUARANTINE).uri,
-                           feature_set=prov["feature_set"], provenance=prov)
+                           feature_set=prov.feature_set, provenance=prov)
     attempted = result.ok + result.quarantined + result.retry
     failed = result.quarantined + result.retry
     if attempted and failed / attempted > cfg.max_error_fraction:
@@ -143,7 +143,7 @@ def list_source(wf: Workflow):
     return listing.list_unique(wf.source, storage_options=wf.storage.options)
 
 
-def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: dict, listed, *, fence) -> dict:
+def extract_into(out: storage.Location, wf: Workflow, spec: ModelSpec, prov: schema.Provenance, listed, *, fence) -> dict:
     """The work under the lease: diff, run the pipeline; returns the counts of the result."""
     counts = dict(listed=0, already_done=0, ok=0, quarantined=0, retry=0, duplicates=0, shards_skipped=0,
                   superseded=0, gone=0, settings="")
@@ -218,7 +218,7 @@ def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict, 
     return images, todo
 
 
-def pipeline(images, spec: ModelSpec, prov: dict, *, tuned: tuning.Tuning, storage_options: dict, progress=None):
+def pipeline(images, spec: ModelSpec, prov: schema.Provenance, *, tuned: tuning.Tuning, storage_options: dict, progress=None):
     """The extract plan: images (listed rows or inline bytes) → reader tasks → a pool of backbone Embedders."""
     kwargs = {"spec": ship(spec, storage_options=storage_options), "prov": prov, "runtime": tuned.runtime,
               "storage_options": storage_options or None}

@@ -16,6 +16,7 @@ from ftl import tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError
 from ftl.fitting import evaluate, features
+from ftl.io import schema
 from ftl.tracking import champion
 
 
@@ -33,6 +34,11 @@ class Probe:
     def layer(self) -> str:
         return self.meta["layer"]["name"]
 
+    @property
+    def provenance(self) -> schema.Provenance:
+        """What made the features the probe was fitted on, as its image model records it."""
+        return schema.Provenance.of(self.meta["provenance"])
+
     def metrics(self) -> dict[str, float]:
         """The probe on train, val and test of its features: what fine-tuning is measured against."""
         out = {}
@@ -43,7 +49,7 @@ class Probe:
 
 
 def feature_set(uri: str, storage_options: dict | None) -> str:
-    return features.provenance(features.open_table(uri, storage_options)[1])["feature_set"]
+    return features.provenance(features.open_table(uri, storage_options)[1]).feature_set
 
 
 def registered(wf: Workflow, uri: str) -> tuple[str | None, str | None]:
@@ -78,7 +84,7 @@ def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
     t = wf.train
     data = features.load(uri, layer=clf.layer, val_fraction=t.val_fraction, test_fraction=t.test_fraction, seed=t.seed,
                          storage_options=wf.storage.options)
-    if data.provenance["feature_set"] != clf.meta["provenance"]["feature_set"] or data.classes != clf.classes:
+    if data.provenance.feature_set != clf.meta["provenance"]["feature_set"] or data.classes != clf.classes:
         raise TrainError(f"finetune.probe: {model} was not trained on the features at {data.uri} (other feature set "
                          f"or classes); leave finetune.probe unset to find the probe of these features")
     return Probe(model=model, meta=clf.meta, backbone_state=backbone_state, head=clf.head.cpu().eval(), data=data,

@@ -9,6 +9,7 @@ workflow's model name, servable unchanged by `ftl predict` and `mlflow.pyfunc.lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ def run(wf: Workflow, *, fitted_probe: str | None = None) -> FinetuneResult:
     check(wf)
     tracking.setup(wf.tracking, wf.name)
     probe = probes.find(wf, features.uri_of(wf), fitted=fitted_probe)
-    backbone = probe.meta["provenance"]["backbone"]
+    backbone = probe.provenance.backbone
     plan = blocks.plan(wf.finetune.blocks, backbone=backbone, layer=probe.layer, kinds=wf.finetune.auto_candidates,
                        sweep_layer=probe.sweep_layer)
     key = finetune_key(wf, probe, plan)
@@ -100,7 +101,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
              started: float) -> FinetuneResult:
     """One MLflow run (reopened when resuming): inputs, training, per-epoch metrics beside the probe's, registration."""
     registered = wf.tracking.registered_model or wf.name
-    extraction_run = tracking.find_extraction(probe.data.provenance["feature_set"], probe.data.uri)
+    extraction_run = tracking.find_extraction(probe.data.provenance.feature_set, probe.data.uri)
     lineage = register.lineage(probe.data, extraction_run=extraction_run)
     rows = {s: probe.data.rows(s) for s in features.SPLITS}
     tags = {**lineage, "ftl.finetune_key": key, "ftl.probe_model": probe.model, "ftl.model": ""}
@@ -140,9 +141,9 @@ def describe(plan: blocks.Plan, candidates: list[list[str]]) -> str:
 def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) -> tuple[trainer.Tuned, pa.Table]:
     """The probe's rows through Ray Data into the Ray Train workers; checkpoints under finetune.checkpoints."""
     cfg = wf.finetune
-    prov, layer = probe.meta["provenance"], probe.meta["layer"]
-    pre = prov["preprocess"]
-    spec = NetSpec(backbone=prov["backbone"], head=probe.meta["head"], cut=plan.cut, node=plan.node,
+    prov, layer = probe.provenance, probe.meta["layer"]
+    pre = prov.preprocess
+    spec = NetSpec(backbone=prov.backbone, head=probe.meta["head"], cut=plan.cut, node=plan.node,
                    pooling=layer["pooling"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop=pre["crop"],
                    freeze_bn=cfg.freeze_bn)
     weights = {"backbone_state": probe.backbone_state, "head_state": probe.head.state_dict()}
@@ -198,7 +199,7 @@ def evaluated(tuned: trainer.Tuned, probe: probes.Probe, plan: blocks.Plan) -> f
     kept = blocks.describe(tuned.candidates[tuned.chosen]["blocks"], plan.order)
     split = {"val": tuned.val, "test": tuned.test}
     return features.FeatureData(uri=probe.data.uri, provenance=probe.data.provenance, classes=probe.data.classes,
-                                layer={**probe.data.layer, "name": f"{probe.layer}, fine-tuned {kept}"},
+                                layer=dataclasses.replace(probe.data.layer, name=f"{probe.layer}, fine-tuned {kept}"),
                                 x={s: np.array(v["logits"]) for s, v in split.items()},  # writable copies
                                 y={s: v["y"].astype(np.int64) for s, v in split.items()},
                                 split_source=probe.data.split_source)
@@ -208,7 +209,7 @@ def register_model(tuned: trainer.Tuned, probe: probes.Probe, *, registered: str
     """The fine-tuned backbone and head as a new version of the image model (and maybe its champion: the note)."""
     from ftl.model import backbones, classifier, heads
 
-    net = backbones.build(probe.meta["provenance"]["backbone"])
+    net = backbones.build(probe.provenance.backbone)
     net.load_state_dict(tuned.backbone_state)
     head = heads.build(probe.meta["head"], tuned.head_state)
     prov = {**probe.meta["provenance"], "finetuned": {k.removeprefix("ftl."): str(v) for k, v in tags.items()}}

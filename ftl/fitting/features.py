@@ -23,8 +23,8 @@ class FeatureData:
     """Arrays per split, the label vocabulary, and where they came from."""
 
     uri: str
-    provenance: dict
-    layer: dict  # {name, column, dim, pooling}
+    provenance: schema.Provenance
+    layer: schema.Layer
     classes: list[str]
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
@@ -40,7 +40,7 @@ class FeatureData:
     @property
     def digest(self) -> str:
         """Changes whenever the table's files (at the version read) or the feature set change."""
-        h = hashlib.sha256(self.provenance["feature_set"].encode())
+        h = hashlib.sha256(self.provenance.feature_set.encode())
         for f in sorted(self.files):
             h.update(f.encode())
         return h.hexdigest()[:16]
@@ -71,20 +71,20 @@ def open_table(uri: str, storage_options: dict | None, *, version: int | None = 
                            f"`ftl versions {loc.uri}`") from None
 
 
-def provenance(dt) -> dict:
+def provenance(dt) -> schema.Provenance:
     """What the table's rows hold: the description its first run wrote."""
     prov = json.loads(dt.metadata().description or "{}")
     if "feature_set" not in prov:
         raise FeatureError(f"{dt.table_uri} is not an ftl feature table (its description holds no provenance)")
-    return prov
+    return schema.Provenance.of(prov)
 
 
-def pick_layer(prov: dict, name: str | None, uri: str) -> dict:
-    names = [l["name"] for l in prov["layers"]]
+def pick_layer(prov: schema.Provenance, name: str | None, uri: str) -> schema.Layer:
+    names = prov.layer_names
     if name is None:
-        return prov["layers"][0]
-    for layer in prov["layers"]:
-        if name in (layer["name"], layer["column"]):
+        return prov.layers[0]
+    for layer in prov.layers:
+        if name in (layer.name, layer.column):
             return layer
     raise FeatureError(
         f"train.layer: {name!r} is not in the features at {uri}; extracted layers: {', '.join(names)} "
@@ -99,7 +99,7 @@ def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: flo
     _, dt = open_table(uri, storage_options, version=version)
     prov = provenance(dt)
     chosen = pick_layer(prov, layer, loc.uri)
-    columns = ["image_id", "label", "split", chosen["column"]]
+    columns = ["image_id", "label", "split", chosen.column]
     parts = dt.get_add_actions(flatten=True).column("path").to_pylist()
     # In listing (URI) order: the order in which parts were committed must not change what is trained.
     table = dt.to_pyarrow_dataset().to_table(columns=columns + ["uri"]).sort_by("uri").select(columns)
@@ -111,7 +111,7 @@ def load(uri: str, *, layer: str | None, val_fraction: float, test_fraction: flo
         raise FeatureError(f"features at {loc.uri} hold a single class {classes}; a classifier needs two or more")
     labels = np.searchsorted(np.array(classes, dtype=object), np.array(table["label"].to_pylist(), dtype=object))
     splits = assign_splits(table, labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    x = to_matrix(table[chosen["column"]], chosen["dim"])
+    x = to_matrix(table[chosen.column], chosen.dim)
     data = FeatureData(uri=loc.uri, provenance=prov, layer=chosen, classes=classes, x={}, y={},
                        split_source=splits.source, files=parts, carved=splits.carved, unsplit=splits.unsplit,
                        version=dt.version())

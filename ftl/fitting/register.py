@@ -10,13 +10,14 @@ image → class model), each version tagged with where it came from, the pair gi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ftl import config, tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError, WeightsError
 from ftl.fitting import evaluate, plots
 from ftl.fitting.features import FeatureData
+from ftl.io.schema import Provenance
 from ftl.model import weights
 from ftl.tracking import champion
 
@@ -30,29 +31,29 @@ class Models:
     notes: list[str] = field(default_factory=list)
 
 
-def backbone_for(wf: Workflow, prov: dict):
+def backbone_for(wf: Workflow, prov: Provenance):
     """The backbone with the very weights that made the features (sha256 checked), or None for random ones."""
-    w = prov["weights"]
-    if w["kind"] == "random":
+    w = prov.weights
+    if w.kind == "random":
         return None
-    for candidate in dict.fromkeys([wf.extract.weights, w["id"].split(".")[-1]]):
+    for candidate in dict.fromkeys([wf.extract.weights, w.id.split(".")[-1]]):
         try:
-            ref = weights.resolve(prov["backbone"], candidate, storage_options=wf.storage.options)
+            ref = weights.resolve(prov.backbone, candidate, storage_options=wf.storage.options)
         except WeightsError:
             continue
-        if ref.sha256 == w["sha256"]:
-            return weights.load(prov["backbone"], ref, storage_options=wf.storage.options)
+        if ref.sha256 == w.sha256:
+            return weights.load(prov.backbone, ref, storage_options=wf.storage.options)
     raise TrainError(
-        f"the features were made with weights {w['id']} (sha256 {w['sha256'][:12]}…), which neither "
-        f"extract.weights={wf.extract.weights!r} nor {w['id']!r} resolves to; set extract.weights to that file"
+        f"the features were made with weights {w.id} (sha256 {w.sha256[:12]}…), which neither "
+        f"extract.weights={wf.extract.weights!r} nor {w.id!r} resolves to; set extract.weights to that file"
     )
 
 
 def lineage(data: FeatureData, *, extraction_run: str | None) -> dict[str, str]:
     """Tags that tie a run or a model version to the features it was trained on."""
     prov = data.provenance
-    return {"ftl.backbone": prov["backbone"], "ftl.layer": data.layer["name"], "ftl.feature_set": prov["feature_set"],
-            "ftl.weights_sha256": prov["weights"]["sha256"] or "", "ftl.extraction_run": extraction_run or ""}
+    return {"ftl.backbone": prov.backbone, "ftl.layer": data.layer.name, "ftl.feature_set": prov.feature_set,
+            "ftl.weights_sha256": prov.weights.sha256 or "", "ftl.extraction_run": extraction_run or ""}
 
 
 def log_evaluation(head, *, data: FeatureData) -> dict[str, float]:
@@ -68,7 +69,7 @@ def log_evaluation(head, *, data: FeatureData) -> dict[str, float]:
 
 def log_split(o: evaluate.Outcome, *, data: FeatureData, split: str) -> None:
     """One split's artifacts under evaluation/: sized by rows and a bounded number of classes, never by classes²."""
-    names, title = data.classes, f"{split}: {data.layer['name']}"
+    names, title = data.classes, f"{split}: {data.layer.name}"
     table = f"evaluation/{split}_per_class.csv"
     tracking.log_text(evaluate.report(o, names, full_table=table), f"evaluation/{split}_report.txt")
     tracking.log_text(evaluate.per_class_table(o, names).to_csv(index=False), table)
@@ -95,7 +96,8 @@ def log_models(head, *, backbone, data: FeatureData, registered: str, tags: dict
     else:
         with tracking.temp_dir() as tmp:
             folder = classifier.save(os.path.join(tmp, "model"), head=head, backbone=backbone,
-                                     provenance=data.provenance, layer=data.layer, classes=data.classes)
+                                     provenance=data.provenance.to_dict(), layer=asdict(data.layer),
+                                     classes=data.classes)
             info = tracking.log_composed(folder, name="image_model", registered=registered, classes=len(data.classes))
         tracking.tag_version(registered, info.registered_model_version, tags)
         image_model = f"models:/{registered}/{info.registered_model_version}"
@@ -118,13 +120,13 @@ def log_inputs(wf: Workflow, *, data: FeatureData, rows: dict[str, int], extract
     prov, layer = data.provenance, data.layer
     tracking.log_params({
         **config.mask_secrets(wf.model_dump(mode="json")),
-        "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"], "layer": layer["name"],
-        "feature_dim": layer["dim"], "features_uri": data.uri, "classes": len(data.classes),
+        "backbone": prov.backbone, "weights_sha256": prov.weights.sha256, "layer": layer.name,
+        "feature_dim": layer.dim, "features_uri": data.uri, "classes": len(data.classes),
         "rows": rows, "split_source": data.split_source, "extraction_run": extraction_run or "none",
         "features_version": data.version,
     })
     tracking.log_text(config.to_yaml(wf), "workflow.yaml")
     tracking.log_text("\n".join(data.classes) + "\n", "classes.txt")
-    tracking.log_dataset(data.uri, name=f"features-{prov['feature_set']}", digest=data.digest, context="training",
-                         tags={"layer": layer["name"], "rows": sum(rows.values()), "version": data.version},
+    tracking.log_dataset(data.uri, name=f"features-{prov.feature_set}", digest=data.digest, context="training",
+                         tags={"layer": layer.name, "rows": sum(rows.values()), "version": data.version},
                          version=data.version)

@@ -27,7 +27,7 @@ class SweepRun:
     sweep: sweep.SweepResult
 
     def summary(self) -> str:
-        lines = [r.summary().splitlines()[0] + f"  [{r.provenance['backbone']} → {r.output}]"
+        lines = [r.summary().splitlines()[0] + f"  [{r.provenance.backbone} → {r.output}]"
                  for r in self.extractions]
         return "\n".join([*lines, self.sweep.summary()])
 

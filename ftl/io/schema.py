@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -48,7 +49,61 @@ def column(layer: str) -> str:
     return "feat_" + layer.replace(".", "_")
 
 
-def provenance(*, backbone: str, weights: dict, layers: list[dict], preprocess: dict, feature_dtype: str) -> dict:
+@dataclass(frozen=True)
+class Layer:
+    """One tapped layer: its name in the backbone, its column, its pooled dim."""
+
+    name: str
+    column: str
+    dim: int
+    pooling: str
+
+
+@dataclass(frozen=True)
+class WeightsId:
+    """Which weights made the features: what the user named, how it was found, and its bytes' sha256."""
+
+    id: str
+    kind: str
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a feature set. Stored as JSON (the table's description, the Parquet metadata,
+    an image model's ftl_model.json) and read back into this at the boundary (`of`)."""
+
+    backbone: str
+    weights: WeightsId
+    layers: tuple[Layer, ...]
+    preprocess: dict  # ftl.model.imaging.Preprocess's fields: resize, crop, mean, std
+    feature_dtype: str
+    feature_set: str
+    versions: dict = field(default_factory=dict)  # ftl, torch, torchvision that made it
+    format: int = FORMAT_VERSION
+
+    @classmethod
+    def of(cls, stored: dict | Provenance) -> Provenance:
+        if isinstance(stored, Provenance):
+            return stored
+        w = stored["weights"]
+        return cls(backbone=stored["backbone"], weights=WeightsId(w["id"], w["kind"], w.get("sha256")),
+                   layers=tuple(Layer(l["name"], l["column"], l["dim"], l["pooling"]) for l in stored["layers"]),
+                   preprocess=dict(stored["preprocess"]), feature_dtype=stored["feature_dtype"],
+                   feature_set=stored["feature_set"], versions=dict(stored.get("versions", {})),
+                   format=stored.get("format", FORMAT_VERSION))
+
+    def to_dict(self) -> dict:
+        """The stored form, key for key what `provenance` has always written."""
+        return asdict(self) | {"layers": [asdict(l) for l in self.layers]}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+
+def provenance(*, backbone: str, weights: dict, layers: list[dict], preprocess: dict,
+               feature_dtype: str) -> Provenance:
     """What produced the features; stored as JSON in the Parquet schema metadata."""
     import torch
     import torchvision
@@ -64,8 +119,7 @@ def provenance(*, backbone: str, weights: dict, layers: list[dict], preprocess: 
         "feature_dtype": feature_dtype,
         "versions": {"ftl": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }
-    prov["feature_set"] = feature_set_id(prov)
-    return prov
+    return Provenance.of({**prov, "feature_set": feature_set_id(prov)})
 
 
 def feature_set_id(prov: dict) -> str:
@@ -79,15 +133,9 @@ def differences(a: dict, b: dict) -> list[str]:
     return [k for k in IDENTITY if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
-def features(prov: dict) -> pa.Schema:
+def features(prov: Provenance) -> pa.Schema:
     """Base columns plus one fixed_size_list column per tapped layer, provenance in metadata."""
-    value = pa.float16() if prov["feature_dtype"] == "float16" else pa.float32()
-    fields = [*BASE] + [pa.field(l["column"], pa.list_(value, l["dim"])) for l in prov["layers"]]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(prov, sort_keys=True).encode()})
+    value = pa.float16() if prov.feature_dtype == "float16" else pa.float32()
+    fields = [*BASE] + [pa.field(l.column, pa.list_(value, l.dim)) for l in prov.layers]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(prov.to_dict(), sort_keys=True).encode()})
 
-
-def read_provenance(schema: pa.Schema) -> dict:
-    meta = schema.metadata or {}
-    if METADATA_KEY not in meta:
-        raise ValueError("this Parquet has no ftl provenance metadata; was it written by `ftl extract`?")
-    return json.loads(meta[METADATA_KEY])

@@ -70,5 +70,5 @@ class SplitSink(Datasink):
                 self.counts[k] += r[k]
 
 
-def feature_sink(out: storage.Location, prov: dict, *, rows_per_file: int, fence: table.Fence) -> SplitSink:
+def feature_sink(out: storage.Location, prov: schema.Provenance, *, rows_per_file: int, fence: table.Fence) -> SplitSink:
     return SplitSink(out, folder=FEATURES, schema=schema.features(prov), rows_per_file=rows_per_file, fence=fence)

@@ -205,22 +205,22 @@ def log_extraction(cfg: TrackingConfig, *, workflow: str, result, params: dict) 
     setup(cfg, workflow)
     prov = result.provenance
     if result.ok == 0 and result.quarantined == 0:  # nothing new: the earlier extraction run stands
-        earlier = find_extraction(prov["feature_set"], result.features_uri)
+        earlier = find_extraction(prov.feature_set, result.features_uri)
         if earlier:
             return earlier
-    tags = {"ftl.feature_set": prov["feature_set"], "ftl.features_uri": result.features_uri,
-            "ftl.backbone": prov["backbone"], "ftl.weights_sha256": prov["weights"]["sha256"] or ""}
-    with start(cfg, name=f"extract-{prov['backbone']}", stage="extract", tags=tags) as run_id:
-        log_params({**params, "backbone": prov["backbone"], "weights_sha256": prov["weights"]["sha256"],
-                    "layers": ",".join(l["name"] for l in prov["layers"]), "output": result.output,
+    tags = {"ftl.feature_set": prov.feature_set, "ftl.features_uri": result.features_uri,
+            "ftl.backbone": prov.backbone, "ftl.weights_sha256": prov.weights.sha256 or ""}
+    with start(cfg, name=f"extract-{prov.backbone}", stage="extract", tags=tags) as run_id:
+        log_params({**params, "backbone": prov.backbone, "weights_sha256": prov.weights.sha256,
+                    "layers": ",".join(prov.layer_names), "output": result.output,
                     **({"ran_on": result.settings} if result.settings else {})})
         log_metrics({"listed": result.listed, "already_done": result.already_done, "extracted": result.ok,
                      "quarantined": result.quarantined, "images_per_second": result.images_per_second,
                      "seconds": result.seconds})
-        log_text(json.dumps(prov, indent=2, sort_keys=True), "provenance.json")
+        log_text(json.dumps(prov.to_dict(), indent=2, sort_keys=True), "provenance.json")
         fv = result.versions.get("features")
         log_metrics({"features_version": fv} if fv is not None else {})
-        log_dataset(result.features_uri, name=f"features-{prov['feature_set']}", digest=prov["feature_set"],
+        log_dataset(result.features_uri, name=f"features-{prov.feature_set}", digest=prov.feature_set,
                     context="extracted", version=fv)
     return run_id
 

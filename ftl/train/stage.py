@@ -67,10 +67,10 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     # Only a head still to train needs the backbone, so a rerun neither hashes weights nor loads it.
     # Still before any run starts: weights that do not match the features fail with nothing logged.
     backbone = register.backbone_for(wf, data.provenance)
-    extraction_run = extraction_run or tracking.find_extraction(data.provenance["feature_set"], data.uri)
+    extraction_run = extraction_run or tracking.find_extraction(data.provenance.feature_set, data.uri)
     ensure_ray()
     # An L-BFGS split that cannot fit in a worker fails here, before a run is logged.
-    memory.decide(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer["dim"],
+    memory.decide(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer.dim,
                 classes=len(data.classes))
     return train(wf, data=data, backbone=backbone, registered=registered, key=key, extraction_run=extraction_run,
                  started=started, warnings=warnings)
@@ -79,7 +79,7 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
 def train(wf: Workflow, *, data: features.FeatureData, backbone, registered: str, key: str,
           extraction_run: str | None, started: float, warnings: list[str]) -> TrainResult:
     """One MLflow run: the inputs logged, the head fitted, evaluated on val and test, registered."""
-    layer, rows = data.layer["name"], {s: data.rows(s) for s in features.SPLITS}
+    layer, rows = data.layer.name, {s: data.rows(s) for s in features.SPLITS}
     lineage = register.lineage(data, extraction_run=extraction_run)
     with tracking.start(wf.tracking, name=f"train-{wf.train.head}-{layer}", stage="train",
                         tags={**lineage, "ftl.train_key": key, "ftl.model": "", **checks.tag(warnings)}) as run_id:
@@ -114,7 +114,7 @@ def fit_head(wf: Workflow, *, data: features.FeatureData, run_name: str) -> fit.
 
 def train_key(wf: Workflow, data: features.FeatureData, registered: str) -> str:
     """Same features, same train section, same model name: same key, and a rerun does nothing."""
-    what = {"features": data.digest, "layer": data.layer["name"], "train": wf.train.model_dump(mode="json"),
+    what = {"features": data.digest, "layer": data.layer.name, "train": wf.train.model_dump(mode="json"),
             "model": registered}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -20,6 +20,7 @@ from ftl import config, tracking
 from ftl.config import Workflow
 from ftl.errors import TrainError
 from ftl.fitting import checks, evaluate, features, live, plots, register
+from ftl.io.schema import Provenance
 from ftl.model import heads
 from ftl.train import probe
 
@@ -92,7 +93,7 @@ class FeatureSet:
     workflow: Workflow  # its own workflow: the extract section names the backbone, weights, layers, output
     uri: str  # the features table
     version: int | None
-    provenance: dict
+    provenance: Provenance
     extraction_run: str
 
 
@@ -105,9 +106,9 @@ def run(wf: Workflow, sets: list[FeatureSet], *, started: float) -> SweepResult:
         tracking.log_text(config.to_yaml(wf), "workflow.yaml")
         for fs in sets:  # the parent run's lineage: the feature sets it chose among
             prov = fs.provenance
-            tracking.log_dataset(fs.uri, name=f"features-{prov['feature_set']}", digest=prov["feature_set"],
+            tracking.log_dataset(fs.uri, name=f"features-{prov.feature_set}", digest=prov.feature_set,
                                  context="training", version=fs.version,
-                                 tags={"backbone": prov["backbone"], "layers": ",".join(l["name"] for l in prov["layers"])})
+                                 tags={"backbone": prov.backbone, "layers": ",".join(prov.layer_names)})
         rows, chosen, warnings = fit_all(wf, sets)
         with tracking.temp_dir() as tmp:
             tracking.log_file(write_table(rows, os.path.join(tmp, "trials.csv")))
@@ -179,18 +180,18 @@ def sweep_backbone(wf: Workflow, sub: Workflow, data: dict[str, features.Feature
     for trial in trials:
         layer = data[trial.layer].layer
         val = evaluate.metrics(evaluate.outcome(trial.head, data[trial.layer].x["val"], first.y["val"]))
-        row = {"backbone": prov["backbone"], "weights": sub.extract.weights, "layer": trial.layer,
-               "layer_index": order.index(trial.layer), "feature_dim": layer["dim"], "head": s.head,
+        row = {"backbone": prov.backbone, "weights": sub.extract.weights, "layer": trial.layer,
+               "layer_index": order.index(trial.layer), "feature_dim": layer.dim, "head": s.head,
                "lr": trial.lr, "weight_decay": trial.weight_decay, "best_epoch": trial.epoch,
                **{f"val/{k}": val[k] for k in KEY_METRICS if k in val}}
-        tags = {"ftl.backbone": prov["backbone"], "ftl.layer": trial.layer, "ftl.feature_set": prov["feature_set"],
+        tags = {"ftl.backbone": prov.backbone, "ftl.layer": trial.layer, "ftl.feature_set": prov.feature_set,
                 "ftl.extraction_run": extraction_run or ""}
-        name = f"{prov['backbone']}-{trial.layer}-lr{trial.lr:g}-wd{trial.weight_decay:g}"
+        name = f"{prov.backbone}-{trial.layer}-lr{trial.lr:g}-wd{trial.weight_decay:g}"
         with tracking.child(name=name, stage="trial", tags=tags) as child_id:
             tracking.log_params({k: row[k] for k in ("backbone", "weights", "layer", "layer_index", "feature_dim",
                                                      "head", "lr", "weight_decay")}
                                 | {"epochs": s.epochs, "batch_size": s.batch_size, "rows": first.rows("train"),
-                                   "feature_set": prov["feature_set"]})
+                                   "feature_set": prov.feature_set})
             tracking.log_history_batch(trial.history)
             tracking.log_metrics({k: v for k, v in row.items() if k.startswith("val/")} | {"best_epoch": trial.epoch})
         row["run_id"] = child_id

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from ftl import datasets
+from tests.conftest import write_workflow
 from tests.support import tables
 from tests.support.cluster import Head
-from tests.conftest import write_workflow
 from tests.support.sessions import session_members
 
 

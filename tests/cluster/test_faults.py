@@ -16,8 +16,8 @@ import psutil
 import pytest
 import s3fs
 
-from tests.support.cluster import job_dir, running_cluster, wait_for_nodes
 from tests.conftest import BUCKET
+from tests.support.cluster import job_dir, running_cluster, wait_for_nodes
 from tests.support.invariant import assert_exactly_once
 from tests.support.proxy import Proxy
 from tests.support.services import MlflowServer

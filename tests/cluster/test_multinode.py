@@ -17,8 +17,8 @@ from safetensors.torch import save as save_safetensors
 
 from ftl.io import storage, table
 from ftl.model import weights
-from tests.support.cluster import job_dir, running_cluster
 from tests.conftest import BUCKET
+from tests.support.cluster import job_dir, running_cluster
 from tests.support.iam import S3Front, allowed, checks
 from tests.support.invariant import assert_exactly_once
 

@@ -17,8 +17,8 @@ from ftl.extract import stage as extract
 from ftl.io import schema
 from ftl.model import imaging
 from ftl.pipeline import readers
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 from tests.support.invariant import assert_exactly_once
 
 PRE = imaging.Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)

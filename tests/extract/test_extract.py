@@ -13,8 +13,8 @@ from ftl import config
 from ftl.cli import main
 from ftl.extract import stage as extract
 from ftl.model import weights
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 from tests.support.invariant import assert_exactly_once
 
 

@@ -9,8 +9,8 @@ import time
 
 import psutil
 
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 from tests.support.sessions import running, session_processes
 
 CHECK = """

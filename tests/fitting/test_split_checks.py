@@ -10,8 +10,8 @@ import pytest
 from ftl.cli import main
 from ftl.errors import FeatureError
 from ftl.fitting import checks, features
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 
 CLASSES = ["ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt_top"]
 

@@ -19,8 +19,8 @@ from ftl import config
 from ftl.config import SourceConfig
 from ftl.extract import stage as extract
 from ftl.sources import listing
-from tests.support import tables
 from tests.conftest import BUCKET, write_workflow
+from tests.support import tables
 from tests.support.invariant import assert_exactly_once
 from tests.support.sessions import end_session
 

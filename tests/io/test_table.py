@@ -14,8 +14,8 @@ from ftl import config
 from ftl.cli import main
 from ftl.extract import stage as extract
 from ftl.io import lease, storage, table
-from tests.support import tables
 from tests.conftest import BUCKET, write_workflow
+from tests.support import tables
 from tests.support.invariant import assert_exactly_once
 
 

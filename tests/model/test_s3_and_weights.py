@@ -14,8 +14,8 @@ from safetensors.torch import save as save_safetensors
 
 from ftl.cli import main
 from ftl.model import weights
-from tests.support import tables
 from tests.conftest import BUCKET, write_workflow
+from tests.support import tables
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import yaml
 
 from ftl import config
 from ftl.cli import main
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import s3fs
 
 from ftl import config
 from ftl.extract import stage as extract
-from tests.support import tables
 from tests.conftest import BUCKET, write_workflow
+from tests.support import tables
 from tests.support.invariant import assert_exactly_once
 
 

@@ -14,8 +14,8 @@ from ftl.cli import main
 from ftl.fitting import register
 from ftl.io import storage, table
 from ftl.model import weights
-from tests.support import tables
 from tests.conftest import write_workflow
+from tests.support import tables
 
 SCRIPT = """
 import json, sys, pathlib
