@@ -163,14 +163,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (typer's click): its own message
             e.show()
+            if "extra argument" in str(e) and "=" in str(e):
+                typer.echo("each --set takes one key=value: repeat it, --set a.b=1 --set a.c=2", err=True)
             return e.exit_code
-        raise
+        return unexpected(e)
     return 0
+
+
+def unexpected(e: BaseException) -> int:
+    """A failure ftl has no message for: one masked line (the traceback only with -v), exit status 1."""
+    import traceback
+
+    if logs.verbose():
+        typer.echo(mask_text("".join(traceback.format_exception(e))), err=True)
+    where = "" if logs.verbose() else "; rerun with -v for the traceback"
+    typer.echo(f"error: {mask_text(f'{type(e).__name__}: {e}')[:2000]}\nThis is a bug or an environment "
+               f"problem ftl does not recognise{where}. What was committed stays; a rerun does only what is missing.",
+               err=True)
+    return 1
 
 
 def entrypoint() -> None:

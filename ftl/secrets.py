@@ -9,13 +9,18 @@ from typing import Any
 MASK = "***"
 # A name is split into words (snake_case, camelCase, kebab-case, dotted) and judged by them, so that
 # SecretAccessKey, SSECustomerKey, api_key and X-Amz-Security-Token are caught and label_key is not.
-SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "token", "credential", "credentials",
-                "apikey", "authorization", "cookie", "signature"}
+SECRET_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "credential", "credentials",
+                "apikey", "auth", "authorization", "bearer", "cookie", "signature", "sig"}
 # "key" is a secret next to these words; alone it is s3fs's access key.
 KEY_WORDS = {"access", "api", "private", "customer", "account", "master", "encryption", "signing", "client"}
 URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@")
-# name=value, name: value, 'name': 'value', "name": "value", ?name=value&...
-ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>['\"]?\s*[:=]\s*['\"]?)(?P<value>[^\s'\",&;})\]]+)")
+# name=value, name: value, 'name': 'value', "name": "value"; never a URL's scheme (https://...)
+ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>['\"]?\s*[:=](?!//)\s*['\"]?)"
+                        r"(?P<value>[^\s'\",&;})\]]+)")
+# ?name=value&name=value in a URL, each parameter on its own (presigned URLs, SAS tokens)
+QUERY = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&#\s?]+)=(?P<value>[^&#\s'\"]*)")
+# Authorization: Bearer <token>, Basic <base64>
+SCHEME_TOKEN = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)\s+(?P<value>[A-Za-z0-9._~+/=\-]{8,})")
 AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 
 
@@ -48,6 +53,8 @@ def mask_secrets(data: Any) -> Any:
 def mask_text(text: str) -> str:
     """`text` (a URI, an error message, a log line) with the credentials in it replaced by ***."""
     text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    text = QUERY.sub(lambda m: f"{m['lead']}{m['name']}={MASK}" if is_secret(m["name"]) and m["value"] else m[0], text)
+    text = SCHEME_TOKEN.sub(lambda m: f"{m['scheme']} {MASK}", text)
 
     def assignment(m: re.Match) -> str:
         # A bare "key" in prose is more often an object key ("key: images/a.png") than a credential.

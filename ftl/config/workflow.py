@@ -42,6 +42,9 @@ class Workflow(Strict):
         return v.strip()
 
 
+MAX_EXPANDED_VALUES = 100_000  # keys and values of the workflow with every alias written out
+
+
 def load_workflow(path: str | Path | None, overrides: list[str] = (), *, values: dict[str, Any] | None = None,
                   needs: tuple[str, ...] = STAGE_SECTIONS) -> Workflow:
     """Read a workflow file (None: an empty one), apply `key=value` overrides, then `values` by key path; validate."""
@@ -56,13 +59,36 @@ def load_workflow(path: str | Path | None, overrides: list[str] = (), *, values:
 def read_workflow(path: Path) -> dict:
     if not path.exists():
         raise WorkflowError(f"workflow file {path} does not exist; see workflows/ for examples")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        check_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise WorkflowError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise WorkflowError(f"{path} must hold a mapping at its top level")
     return data
+
+
+def check_expanded_size(root, path: Path) -> None:
+    """Anchors and aliases are fine; a few lines of nested aliases that expand to millions of values are not.
+
+    The size is counted on YAML's node graph, where an alias is a shared node, so the check itself
+    never expands anything.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a node that contains itself counts once
+            children = node.value if isinstance(node.value, list) else []
+            flat = [n for c in children for n in (c if isinstance(c, tuple) else (c,))]
+            sizes[id(node)] = 1 + sum(size(c) for c in flat)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_EXPANDED_VALUES:
+        raise WorkflowError(f"{path}: its aliases expand to {size(root):,} values (at most {MAX_EXPANDED_VALUES:,}); "
+                            f"a workflow is a few dozen keys: write the values out instead of nesting aliases")
 
 
 def apply_override(data: dict, item: str) -> None:

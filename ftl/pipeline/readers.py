@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ftl.io import retry, schema, storage
 from ftl.model import imaging
+from ftl.secrets import mask_text
 
 READ, DECODE = "read", "decode"  # the stages a reader marks a failed row with
 READ_ATTEMPTS = retry.OUTAGE_ATTEMPTS  # fetches of an object whose reads fail for a passing reason
@@ -26,18 +27,37 @@ DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCC
 def read_all(uris: list[str], storage_options: dict | None, *, attempts: int = READ_ATTEMPTS) -> list:
     """Fetch many objects (s3fs fetches a list concurrently); errors come back per object.
 
-    Objects that failed for a passing reason (timeouts, throttling, 5xx) are fetched again, a
-    bounded number of times with backoff; what still fails comes back as its last error.
+    A batch may mix filesystems (a manifest naming s3:// and https:// images): each one's URIs
+    are fetched together, by that filesystem, in its own path form, so one scheme's rows never
+    fail for another's. Objects that failed for a passing reason (timeouts, throttling, 5xx)
+    are fetched again, a bounded number of times with backoff; what still fails comes back as
+    its last error.
     """
+    groups: dict[str, list[str]] = {}
+    for u in dict.fromkeys(uris):
+        groups.setdefault(filesystem_of(u), []).append(u)
     got: dict[str, bytes | Exception] = {}
-    if not uris:
-        return []
-    loc = storage.locate(uris[0], storage_options)
-    paths = [storage.strip_scheme(u) for u in uris]
-    wanted = paths
+    for group in groups.values():
+        got.update(fetch(group, storage_options, attempts=attempts))
+    return [got[u] for u in uris]
+
+
+def filesystem_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri and not uri.startswith("file://") else "file"
+
+
+def fetch(uris: list[str], storage_options: dict | None, *, attempts: int) -> dict[str, bytes | Exception]:
+    """One filesystem's objects by URI."""
+    try:
+        located = [storage.locate(u, storage_options) for u in uris]
+    except Exception as e:  # a scheme no installed filesystem serves: every object of it is unreadable
+        return dict.fromkeys(uris, e)
+    fs, path_of = located[0].fs, {u: loc.path for u, loc in zip(uris, located)}
+    got: dict[str, bytes | Exception] = {}
+    wanted = list(path_of.values())
     for attempt in range(attempts):
         try:
-            fetched = loc.fs.cat(wanted, on_error="return")
+            fetched = fs.cat(wanted, on_error="return")
             got.update({p: fetched.get(p, FileNotFoundError(p)) for p in wanted})
         except Exception as e:  # the whole request failed: every object of it is unread
             got.update(dict.fromkeys(wanted, e))
@@ -45,7 +65,7 @@ def read_all(uris: list[str], storage_options: dict | None, *, attempts: int = R
         if not wanted or attempt == attempts - 1:
             break
         time.sleep(retry.backoff(attempt))
-    return [got[p] for p in paths]
+    return {u: got[p] for u, p in path_of.items()}
 
 
 def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) -> tuple[list, np.ndarray]:
@@ -71,7 +91,8 @@ def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) 
 
 
 def reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    """One line for the quarantine's `error` column; a presigned URI's token in it is masked."""
+    return mask_text(f"{type(e).__name__}: {e}")
 
 
 class BadSample(ValueError):

@@ -87,3 +87,22 @@ def test_a_listing_that_does_not_fit_the_source_s_format_says_which_does(tmp_pat
                               extract={"output": "out"})
         with pytest.raises(config.WorkflowError, match=r"source: .*" + expected):
             config.load_workflow(path)
+
+
+def test_nested_aliases_that_expand_to_millions_are_refused(tmp_path, capsys):
+    lines = ["name: bomb", 'a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "aliases expand to 12,345,687 values" in err and "write the values out" in err
+
+
+def test_an_anchor_used_twice_is_fine(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("name: anchors\nsource: {uri: /data}\n"
+                    "extract: {output: /out, layers: &layers [features.14, features.18]}\n"
+                    "sweep: {backbones: [{backbone: mobilenet_v2, weights: DEFAULT, layers: *layers}]}\n")
+    wf = config.load_workflow(path, [], needs=())
+    assert wf.sweep.backbones[0].layers == wf.extract.layers == ["features.14", "features.18"]

@@ -89,3 +89,38 @@ def test_a_uri_splits_into_the_uri_and_its_credentials():
     assert split_userinfo(f"https://ftl:{SENTINEL}@mlflow:5000/x") == ("https://mlflow:5000/x", "ftl", SENTINEL)
     assert split_userinfo("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None, None)
     assert split_userinfo("sqlite:///mlflow.db") == ("sqlite:///mlflow.db", None, None)
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("https://h/p?password=hunter2&x=1", "hunter2"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Security-Token=TOKEN123&X-Amz-Date=1", "TOKEN123"),
+    ("https://storage.googleapis.com/b/o?X-Goog-Signature=deadbeef99&X-Goog-Date=1", "deadbeef99"),
+    ("https://acct.blob.core.windows.net/c/a.png?sv=2020&sig=SAS%2Bsecret&se=1", "SAS%2Bsecret"),
+    ("https://h/p?pwd=hunter2", "hunter2"), ("https://h/p?auth=opaque77", "opaque77"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "eyJhbGciOiJIUzI1NiJ9"),
+    ("failed reading https://h/a.png?token=t0k3n: 403 Forbidden", "t0k3n"),
+])
+def test_every_query_parameter_and_bearer_value_is_masked(text, secret):
+    masked = mask_text(text)
+    assert secret not in masked and "***" in masked
+
+
+def test_plain_parameters_and_object_keys_stay():
+    for text in ("https://h/a?label=cat&size=3", "s3://bucket/label_key=3/a.png", "key: images/a.png"):
+        assert mask_text(text) == text
+
+
+def test_two_values_after_one_set_is_a_usage_line_not_a_traceback(capsys):
+    assert main(["show", "workflows/quickstart.yaml", "--set", "storage.x=1", "storage.y=2"]) == 2
+    err = capsys.readouterr().err
+    assert "repeat it, --set a.b=1 --set a.c=2" in err and "Traceback" not in err
+
+
+def test_an_unexpected_error_is_one_masked_line(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("GET https://h/a.png?X-Amz-Security-Token=SeCrEt99 failed")
+
+    monkeypatch.setattr(config, "load_workflow", broken)
+    assert main(["show", "workflows/quickstart.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "SeCrEt99" not in err and "Traceback" not in err and "RuntimeError" in err and "-v" in err

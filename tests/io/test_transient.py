@@ -12,10 +12,12 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
+import s3fs.errors
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import UnidentifiedImageError
 
 from ftl.io import retry, schema
+from ftl.io.lease import LeaseLost
 from ftl.model import imaging
 from ftl.pipeline import readers
 from tests.support import tables
@@ -64,6 +66,41 @@ def flaky(fmnist, monkeypatch):
 ])
 def test_errors_are_sorted_into_passing_and_lasting(error, transient):
     assert retry.is_transient(error) is transient
+
+
+def client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+@pytest.mark.parametrize("error, transient", [
+    # Words in a URI or a name say nothing about the error: its errno, type or code does.
+    (OSError(errno.EINVAL, "Invalid argument: s3://b/img_1503.jpg"), False),
+    (OSError("Generic S3 error: cannot decode s3://b/timeouts/a.png"), False),
+    (LeaseLost("the lease of s3://b/out was taken by pid 25030 (timeout 30 s)"), False),
+    # botocore's ClientError and s3fs's translation of it, by code and status.
+    (client_error("SlowDown", 503), True), (client_error("NoSuchKey", 404), False),
+    (client_error("InvalidObjectName", 400), False),
+    (s3fs.errors.translate_boto_error(client_error("SomethingNew", 503)), True),
+    (s3fs.errors.translate_boto_error(client_error("NoSuchKey", 404)), False),
+    # deltalake's object store says only words; they are read with the URL cut out.
+    (OSError("Generic S3 error: error sending request for url (http://127.0.0.1:9/b/_delta_log/1.json): "
+             "Connection refused"), True),
+])
+def test_errors_are_judged_by_their_type_and_code_not_their_words(error, transient):
+    assert retry.is_transient(error) is transient
+
+
+def test_http_statuses_decide():
+    from aiohttp import ClientResponseError, RequestInfo
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    info = RequestInfo(URL("http://h/timeouts/503.png"), "GET", CIMultiDictProxy(CIMultiDict()))
+    assert retry.is_transient(ClientResponseError(info, (), status=503)) is True
+    assert retry.is_transient(ClientResponseError(info, (), status=404, message="timeout")) is False
 
 
 def test_reads_retry_passing_errors_then_leave_them_for_the_next_run(flaky):
