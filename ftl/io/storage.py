@@ -83,12 +83,36 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_relative(base: Location, uri: str) -> str:
-    """A manifest's URI, made absolute against `base` when it is relative."""
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://")
+    """A manifest's URI, made absolute against `base` when it is relative, in its canonical spelling.
+
+    A relative URI stays inside the manifest's bucket: `../../elsewhere/a.png` from s3://b/m/ is
+    refused, not read from another bucket.
+    """
     if "://" in uri or uri.startswith("/"):
-        return uri
-    return base.to_uri(posixpath.normpath(posixpath.join(base.path, uri)))
+        return canonical(uri)
+    path = posixpath.normpath(posixpath.join(base.path, uri))
+    if not base.is_local and (path.startswith("..") or path.split("/")[0] != base.path.split("/")[0]):
+        raise ValueError(f"{uri!r} leaves the manifest's bucket; give the image's full URI")
+    return base.to_uri(path)
+
+
+def canonical(uri: str) -> str:
+    """One spelling per object, as fsspec names it: s3a:// is s3://, file:///a/./b is /a/b.
+
+    An object store's keys are kept as written (`a/./b` is a key of its own there); only the
+    scheme is made the filesystem's first name for itself.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.normpath(uri.removeprefix("file://")) if uri.startswith(("/", "file://")) else uri
+    protocol, rest = uri.split("://", 1)
+    try:
+        names = fsspec.get_filesystem_class(protocol).protocol
+    except (ImportError, ValueError):
+        return uri  # no filesystem for it here: the read says so, row by row
+    first = names[0] if isinstance(names, (tuple, list)) else names
+    if first in ("http", "https"):
+        return uri  # http and https are different URLs of maybe different servers
+    return f"{first}://{rest}"
 
 
 def arrow_filesystem(loc: Location):

@@ -26,6 +26,8 @@ from ftl.io import storage
 from ftl.sources import identity
 
 SUFFIXES = (".parquet", ".csv", ".csv.gz")
+TEXT = ("uri", "label", "split")  # columns read as text
+NO_VALUE = ["", "NaN", "nan", "NULL", "null"]  # not pyarrow's whole list: "NA" and "N/A" can be class names
 ORDERED = pa.schema(list(pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()),
                                     ("split", pa.string()), ("size", pa.int64())])) + [("_order", pa.int64())])
 # A manifest's version columns, by normalised name (lower case, no '_' or '-'): S3 Inventory's
@@ -66,15 +68,24 @@ def read_manifest_file(uri: str, index: int, storage_options: dict | None) -> pa
     """One manifest file as ORDERED rows; relative URIs are resolved against the file's folder."""
     loc = storage.locate(uri, storage_options)
     with loc.fs.open(loc.path, "rb", compression="infer") as f:
-        table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f)
+        # A CSV's uri, label and split are text whatever they look like ("007" stays "007"); empty,
+        # NULL or NaN in them is no value, as a null or a NaN is in Parquet.
+        table = pq.read_table(f) if loc.path.endswith(".parquet") else pacsv.read_csv(f, convert_options=(
+            pacsv.ConvertOptions(column_types=dict.fromkeys(TEXT, pa.string()), strings_can_be_null=True,
+                                 null_values=NO_VALUE)))
     if "uri" not in table.column_names:
         raise SourceError(f"manifest {uri} has no 'uri' column; columns: {table.column_names}. Name the image "
                           f"column 'uri' (label and split are optional)")
+    check_types(table, uri)
     base = storage.Location(loc.fs, posixpath.dirname(loc.path))
-    uris = [storage.resolve_relative(base, u) if u else None for u in table["uri"].to_pylist()]
-    if any(u is None for u in uris):
-        row = uris.index(None)
-        raise SourceError(f"manifest {uri} row {row} has an empty uri; remove the row or give the image's URI")
+    uris = []
+    for row, u in enumerate(table["uri"].to_pylist()):
+        if not u or not u.strip():
+            raise SourceError(f"manifest {uri} row {row} has an empty uri; remove the row or give the image's URI")
+        try:
+            uris.append(storage.resolve_relative(base, u.strip()))
+        except ValueError as e:
+            raise SourceError(f"manifest {uri} row {row}: {e}") from e
     versions = version_columns(table)
     if versions is None:  # no version in the manifest: one listing per folder its images live in
         found = identity.stat_all(uris, storage_options)
@@ -116,9 +127,30 @@ def column(table: pa.Table, names: tuple[str, ...], to: pa.DataType) -> pa.Array
 
 
 def strings(table: pa.Table, name: str) -> pa.Array:
+    """A label or split column as text; a float column's NaN is no value, as a null is."""
     if name not in table.column_names:
         return pa.nulls(table.num_rows, pa.string())
-    return pc.cast(table[name], pa.string()).combine_chunks()
+    col = table[name].combine_chunks()
+    if pa.types.is_floating(col.type):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        # 3.0 is the class "3", as the same column written as integers would be.
+        whole = pc.fill_null(pc.equal(col, pc.floor(col)), False)
+        col = pc.if_else(whole, pc.cast(pc.cast(col, pa.int64(), safe=False), pa.string()), pc.cast(col, pa.string()))
+    return pc.cast(col, pa.string())
+
+
+def check_types(table: pa.Table, uri: str) -> None:
+    """uri is text; label and split are text or numbers, one value a row: said before any row is used."""
+    def text(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+    kinds = {"uri": text} | dict.fromkeys(TEXT[1:], lambda t: text(t) or pa.types.is_integer(t)
+                                           or pa.types.is_floating(t) or pa.types.is_null(t))
+    for name, ok in kinds.items():
+        if name in table.column_names and not ok(table.schema.field(name).type):
+            what = "the image's URI as text" if name == "uri" else "one class name (text or a number) a row"
+            raise SourceError(f"manifest {uri}: column {name!r} is {table.schema.field(name).type}; it must hold "
+                              f"{what}. Rewrite the column, or rename it if it holds something else")
 
 
 # --- S3 Inventory ------------------------------------------------------------------------------------
