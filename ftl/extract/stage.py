@@ -214,7 +214,8 @@ def webdataset_input(wf: Workflow, out: storage.Location, shards, counts: dict, 
     ensure_ray()
     done = ray.put(webdataset.done_keys(out, (FEATURES, QUARANTINE)))
     images = webdataset.read(todo, image_keys=src.image_keys, label_key=src.label_key, done=done,
-                             rows=wf.extract.decode_batch_size, storage_options=wf.storage.options)
+                             rows=wf.extract.decode_batch_size, storage_options=wf.storage.options,
+                             max_bytes=wf.extract.max_image_bytes)
     return images, todo
 
 

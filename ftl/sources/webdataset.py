@@ -91,42 +91,53 @@ def done_keys(out: storage.Location, folders: tuple[str, ...]) -> np.ndarray:
 
 
 def read(todo: pa.Table, *, image_keys: list[str], label_key: str | None, done, rows: int,
-         storage_options: dict | None):
+         storage_options: dict | None, max_bytes: int | None = None):
     """A Ray Dataset of the pending shards' samples, one read task per shard, in blocks of `rows` samples."""
     import ray
 
     return ray.data.from_arrow(todo.select(["uri", "version", "split"])).map_batches(
         read_shards, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"image_keys": image_keys, "label_key": label_key, "done": done, "rows": rows,
-                   "storage_options": storage_options or None},
+                   "storage_options": storage_options or None, "max_bytes": max_bytes},
     )
 
 
-def samples(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample, reading only the members whose suffix is wanted.
+class Oversized(int):
+    """A member over extract.max_image_bytes, by its tar header's size: never read."""
+
+
+def samples(tar: tarfile.TarFile, wanted: set[str], *,
+            max_bytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes | Oversized], bool]]:
+    """(key, {suffix: bytes}, repeated) per sample, reading only the members whose suffix is wanted.
 
     Members of one sample are adjacent and share the name up to the first dot of the basename
-    (the WebDataset convention). Other members are seeked over, never read.
+    (the WebDataset convention). Other members are seeked over, never read, and so is a member
+    whose header says it is over `max_bytes`. A key that comes back after other keys (members
+    not adjacent, or a repeated key) is a sample of its own, keyed `key@offset` and `repeated`:
+    one id, one row, whatever the shard holds.
     """
-    key, members = None, {}
+    key, name_of_key, members, seen = None, None, {}, set()
     for info in tar:
         if not info.isreg():
             continue
         folder, _, base = info.name.rpartition("/")
         stem, _, suffix = base.partition(".")
         name = f"{folder}/{stem}" if folder else stem
-        if name != key:
+        if name != name_of_key:
             if key is not None:
-                yield key, members
-            key, members = name, {}
+                yield key, members, key != name_of_key
+                seen.add(name_of_key)
+            key = f"{name}@{info.offset}" if name in seen else name
+            name_of_key, members = name, {}
         if suffix.lower() in wanted:
-            members[suffix.lower()] = tar.extractfile(info).read()
+            too_big = max_bytes is not None and info.size > max_bytes
+            members[suffix.lower()] = Oversized(info.size) if too_big else tar.extractfile(info).read()
     if key is not None:
-        yield key, members
+        yield key, members, key != name_of_key
 
 
 def read_shards(batch: pa.Table, *, image_keys: list[str], label_key: str | None, done, rows: int,
-                storage_options: dict | None) -> Iterator[pa.Table]:
+                storage_options: dict | None, max_bytes: int | None = None) -> Iterator[pa.Table]:
     """Shards → the columns the readers expect (image bytes inline), `rows` samples per block."""
     import ray
 
@@ -137,8 +148,10 @@ def read_shards(batch: pa.Table, *, image_keys: list[str], label_key: str | None
         loc = storage.locate(uri, storage_options)
         with loc.fs.open(loc.path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             pending = []
-            for key, members in samples(tar, {*keys, *([label_key.lower()] if label_key else [])}):
-                pending.append(sample_row(f"{uri}#{key}", version, split, members, keys, label_key))
+            wanted = {*keys, *([label_key.lower()] if label_key else [])}
+            for key, members, repeated in samples(tar, wanted, max_bytes=max_bytes):
+                pending.append(sample_row(f"{uri}#{key}", version, split, members, keys, label_key,
+                                          max_bytes=max_bytes, repeated=repeated))
                 if len(pending) == rows:
                     yield rows_table(pending, done)
                     pending = []
@@ -147,12 +160,20 @@ def read_shards(batch: pa.Table, *, image_keys: list[str], label_key: str | None
 
 
 def sample_row(uri: str, version: str, split: str | None, members: dict[str, bytes], keys: list[str],
-               label_key: str | None) -> dict:
-    """One sample: its image bytes, its label, and why it cannot be used (no image, a label that is not text)."""
+               label_key: str | None, *, max_bytes: int | None = None, repeated: bool = False) -> dict:
+    """One sample: its image bytes, its label, and why it cannot be used (no image, too big, a repeated key,
+    a label that is not text)."""
     data = next((members[k] for k in keys if k in members), None)
     problem = "" if data is not None else f"sample has no image member (looked for {', '.join(keys)})"
+    if isinstance(data, Oversized):
+        problem, data = f"{int(data)} bytes exceeds extract.max_image_bytes={max_bytes}", None
+    if repeated:
+        problem = ("its key repeats in the shard, after other samples: a sample's members must be adjacent "
+                   "and its key unique (rewrite the shard with each key's members together)")
     label = None
-    if label_key and label_key.lower() in members:
+    if label_key and isinstance(members.get(label_key.lower()), Oversized):
+        problem = f"label member .{label_key} is over extract.max_image_bytes={max_bytes}"
+    elif label_key and label_key.lower() in members:
         try:
             label = members[label_key.lower()].decode("utf-8").strip()
         except UnicodeDecodeError as e:

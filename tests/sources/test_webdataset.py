@@ -124,7 +124,7 @@ def test_only_wanted_members_are_read_and_a_bad_label_quarantines_its_sample(tmp
 
     with tarfile.open(tmp_path / "shards" / "s.tar") as tar, CountingReads.patch(tar) as reads:
         got = list(webdataset.samples(tar, {"png", "cls"}))
-    assert [sorted(m) for _, m in got] == [["cls", "png"]] * 4
+    assert [sorted(m) for _, m, _ in got] == [["cls", "png"]] * 4
     assert reads.largest < 1_000_000  # the 4 MB .npy members were seeked over, never read
     wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "shards"), "format": "webdataset"},
                         extract={"output": str(tmp_path / "out"), "weights": "random", "max_error_fraction": 0.5})
@@ -155,3 +155,38 @@ class CountingReads:
         counting = cls(tar.fileobj)
         tar.fileobj = counting
         yield counting
+
+
+def test_oversized_members_and_repeated_keys_are_quarantined_once_each(tmp_path, fmnist, ray_runtime):
+    """The byte cap holds for shard members (by their headers, before any read), and a key whose members are
+    not adjacent gives two samples with two ids, never one id in features and in quarantine."""
+    files = sorted(fmnist.rglob("*.png"))[:3]
+    big = b"\x89PNG" + b"\0" * 3_000_000
+    order = [("a.png", files[0].read_bytes()), ("b.png", files[1].read_bytes()), ("a.cls", b"shirt"),
+             ("huge.png", big), ("c.png", files[2].read_bytes()), ("c.cls", b"bag")]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "s.tar", "w") as tar:
+        for name, data in order:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    from ftl.sources import webdataset
+
+    with tarfile.open(tmp_path / "shards" / "s.tar") as tar, CountingReads.patch(tar) as reads:
+        got = list(webdataset.samples(tar, {"png", "cls"}, max_bytes=1_000_000))
+    assert reads.largest < 1_000_000  # the 3 MB member was refused by its header, never read
+    assert [(k.split("@")[0], sorted(m), r) for k, m, r in got] == [
+        ("a", ["png"], False), ("b", ["png"], False), ("a", ["cls"], True), ("huge", ["png"], False),
+        ("c", ["cls", "png"], False)]
+    wf = write_workflow(tmp_path / "wf.yaml", source={"uri": str(tmp_path / "shards"), "format": "webdataset"},
+                        extract={"output": str(tmp_path / "out"), "weights": "random", "max_error_fraction": 0.9,
+                                 "max_image_bytes": 1_000_000})
+    result = extract.run(config.load_workflow(wf))
+    assert (result.ok, result.quarantined) == (3, 2)
+    q = tables.frame(tmp_path / "out" / "quarantine").set_index("uri")["error"]
+    shard = f"{tmp_path / 'shards'}/s.tar"
+    assert "3000004 bytes exceeds extract.max_image_bytes=1000000" in q[f"{shard}#huge"]
+    [repeat] = [u for u in q.index if u.startswith(f"{shard}#a@")]
+    assert "members must be adjacent" in q[repeat]
+    f = tables.frame(tmp_path / "out" / "features")
+    assert len(set(f["image_id"]) | set(tables.frame(tmp_path / "out" / "quarantine")["image_id"])) == 5
