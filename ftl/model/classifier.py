@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 
@@ -28,6 +29,12 @@ META = "ftl_model.json"  # models registered before ftl/model existed (loader ft
 MAX_PIXELS = 89_478_485  # PIL's own default: serving never needs to move PIL's process-wide limit
 URI_PREFIXES_ENV, MAX_BYTES_ENV = "FTL_MODEL_URI_PREFIXES", "FTL_MODEL_MAX_BYTES"
 DEFAULT_MAX_BYTES = 64 * 2**20
+# What one predict call may cost, whatever it sends: bytes read or received, and pixels decoded
+# (a 16-megapixel PNG can be 40 kB and cost 300 MB and a second to decode).
+REQUEST_BYTES_ENV, REQUEST_PIXELS_ENV = "FTL_MODEL_MAX_REQUEST_BYTES", "FTL_MODEL_MAX_REQUEST_PIXELS"
+DEFAULT_REQUEST_BYTES, DEFAULT_REQUEST_PIXELS = 256 * 2**20, 256_000_000
+# Escapes that a client would decode into `.`, `/` or `\` after the prefix check saw them as text.
+ESCAPES = re.compile(r"%(2e|2f|5c)|\\", re.IGNORECASE)
 FILES = (META, "backbone.safetensors", "head.safetensors")  # the whole model, in the order its identity hashes
 
 
@@ -114,21 +121,36 @@ class ImageClassifier:
             feats = self.tap(torch.from_numpy(pixels).to(self.device))[self.layer]
             return torch.softmax(self.head(feats), dim=1).cpu().numpy()
 
-    def decode(self, blobs: list[bytes]) -> np.ndarray:
-        return np.stack([imaging.decode_one(b, self.preprocess, max_pixels=MAX_PIXELS)[0] for b in blobs])
+    def decode(self, blobs: list[bytes], budget: Budget | None = None) -> np.ndarray:
+        """Pixels of each image; its header's size is taken from `budget` before it is decoded."""
+        out = []
+        for b in blobs:
+            img, header = imaging.open_image(b, max_pixels=MAX_PIXELS)
+            if budget is not None:
+                budget.take_pixels(header.width * header.height)
+            out.append(imaging.decode(img, header=header, pre=self.preprocess))
+        return np.stack(out)
 
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
-        """A DataFrame with an `image` (bytes) or `uri` column → label, probability, probabilities."""
+        """A DataFrame with an `image` (bytes) or `uri` column → label, probability, probabilities.
+
+        Rows go through in batches, each read, decoded and classified before the next is read, within
+        one request's budget of bytes and pixels.
+        """
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" in df.columns and df["image"].notna().all():
-            blobs = [bytes(b) for b in df["image"]]
+            items, fetch = list(df["image"]), bytes
         elif "uri" in df.columns:
-            blobs = [read(u) for u in df["uri"]]
+            items, fetch = list(df["uri"]), None
         else:
             raise ValueError(f"input needs an 'image' (bytes) or 'uri' column; got columns {list(df.columns)}")
-        batch = int((params or {}).get("batch_size", 64))
-        proba = np.concatenate([self.probabilities(self.decode(blobs[i : i + batch]))
-                                for i in range(0, len(blobs), batch)]) if blobs else np.zeros((0, len(self.classes)))
+        batch, budget = int((params or {}).get("batch_size", 64)), Budget.from_env()
+        parts = []
+        for i in range(0, len(items), batch):
+            chunk = items[i : i + batch]
+            blobs = [budget.take_bytes(bytes(b)) for b in chunk] if fetch else [read(u, budget) for u in chunk]
+            parts.append(self.probabilities(self.decode(blobs, budget)))
+        proba = np.concatenate(parts) if parts else np.zeros((0, len(self.classes)))
         best = proba.argmax(1) if len(proba) else np.zeros(0, int)
         return pd.DataFrame({
             "label": [self.classes[i] for i in best],
@@ -153,14 +175,42 @@ def normalised(uri: str) -> str:
     return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
 
 
-def read(uri: str) -> bytes:
+class Budget:
+    """What is left of one request's bytes and pixels."""
+
+    def __init__(self, bytes_left: int, pixels_left: int):
+        self.bytes_left, self.pixels_left = bytes_left, pixels_left
+
+    @classmethod
+    def from_env(cls) -> Budget:
+        return cls(int(os.environ.get(REQUEST_BYTES_ENV, DEFAULT_REQUEST_BYTES)),
+                   int(os.environ.get(REQUEST_PIXELS_ENV, DEFAULT_REQUEST_PIXELS)))
+
+    def take_bytes(self, data: bytes) -> bytes:
+        self.bytes_left -= len(data)
+        if self.bytes_left < 0:
+            raise ModelInputError(f"the request's images add up to more than its byte budget ({REQUEST_BYTES_ENV});"
+                                  f" send fewer images per request")
+        return data
+
+    def take_pixels(self, pixels: int) -> None:
+        self.pixels_left -= pixels
+        if self.pixels_left < 0:
+            raise ModelInputError(f"the request's images add up to more pixels than its budget "
+                                  f"({REQUEST_PIXELS_ENV}); send fewer or smaller images per request")
+
+
+def read(uri: str, budget: Budget | None = None) -> bytes:
     """An image's bytes from a path or fsspec URL under an allowed prefix, at most FTL_MODEL_MAX_BYTES.
 
     The model reads with the server's own credentials, so a caller names only what the operator
-    allowed; raw bytes in the `image` column always work.
+    allowed; raw bytes in the `image` column always work. The URL checked is the URL sent: no
+    escapes a client would decode into `.` or `/`, and no redirects followed.
     """
     import fsspec
 
+    if ESCAPES.search(uri):
+        raise ModelInputError(f"uri {uri!r} holds an escaped '.', '/' or a backslash; name the image plainly")
     target = normalised(uri)
     allowed = allowed_prefixes()
     if not any(target == (n := normalised(p).rstrip("/")) or target.startswith(n + "/") for p in allowed):
@@ -169,11 +219,12 @@ def read(uri: str) -> bytes:
             f"{','.join(allowed) or '<unset>'}); send the image's bytes in the 'image' column, or have the "
             f"operator add its prefix to {URI_PREFIXES_ENV}")
     limit = int(os.environ.get(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
-    with fsspec.open(target, "rb") as f:
+    web = target.split("://", 1)[0] in ("http", "https")
+    with fsspec.open(target, "rb", **({"allow_redirects": False} if web else {})) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ModelInputError(f"uri {uri!r} holds more than {limit} bytes ({MAX_BYTES_ENV}); not an image to serve")
-    return data
+    return budget.take_bytes(data) if budget is not None else data
 
 
 def _load_pyfunc(path: str) -> ImageClassifier:
