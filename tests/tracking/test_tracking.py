@@ -96,6 +96,29 @@ def test_a_run_whose_driver_died_is_ended_by_the_next_command(tmp_path, monkeypa
         mlflow.set_tracking_uri(saved)
 
 
+def test_a_run_of_another_container_with_the_same_hostname_is_left_alone(tmp_path, monkeypatch):
+    """Containers can share a hostname; a pid means something only in its own pid namespace and boot."""
+    import mlflow
+
+    from ftl.tracking import owner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved = mlflow.get_tracking_uri()
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        mlflow.set_tracking_uri(db)
+        experiment = mlflow.MlflowClient().create_experiment("containers")
+        ours_dead = {**owner.tags(), owner.PID: "4194303", owner.PID_STARTED: "1.00"}  # above any pid in use
+        theirs = {**ours_dead, owner.PID_SPACE: "another-container"}
+        runs = {name: mlflow.MlflowClient().create_run(experiment, tags=tags, run_name=name).info.run_id
+                for name, tags in (("ours", ours_dead), ("theirs", theirs))}
+        tracking.setup(TrackingConfig(uri=db, system_metrics=False), "containers")
+        assert mlflow.get_run(runs["ours"]).info.status == "FAILED"
+        assert mlflow.get_run(runs["theirs"]).info.status == "RUNNING"
+    finally:
+        mlflow.set_tracking_uri(saved)
+
+
 def test_a_quote_in_the_output_path_neither_breaks_nor_widens_the_searches(tmp_path, fmnist, mlflow_server,
                                                                            ray_runtime, capsys):
     """The train run finds the extraction run of an output named with a quote, and only that one."""
