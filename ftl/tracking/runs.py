@@ -13,7 +13,7 @@ from pathlib import Path
 from ftl.config import TrackingConfig
 from ftl.errors import TrackingError, chain
 from ftl.secrets import split_userinfo
-from ftl.tracking import owner
+from ftl.tracking import owner, reach
 from ftl.tracking.lookup import find_extraction
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -51,7 +51,7 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
     """Point MLflow at the store and the workflow's experiment; returns the experiment id."""
     import mlflow
 
-    connect(cfg)
+    reach.wait_for(connect(cfg))
     if cfg.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)

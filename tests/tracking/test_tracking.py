@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from ftl import tracking
 from ftl.config import TrackingConfig
 
@@ -141,3 +143,19 @@ def test_a_quote_in_the_output_path_neither_breaks_nor_widens_the_searches(tmp_p
     trained = client.search_runs([exp], "tags.`ftl.stage` = 'train'")
     by_output = {r.data.params["features_uri"]: r.data.tags["ftl.extraction_run"] for r in trained}
     assert {Path(u).parent.parent.name: run for u, run in by_output.items()} == runs
+
+
+def test_an_mlflow_that_refuses_is_said_while_waited_for_then_named(monkeypatch, capsys):
+    """A port nobody listens on: each try is on the screen, and the command stops in seconds, not minutes."""
+    import time
+
+    from ftl.errors import TrackingError
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("FTL_MLFLOW_WAIT_SECONDS", "3")
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=f"MLflow at {uri} did not answer for 3s .*start the server"):
+        tracking.setup(TrackingConfig(uri=uri, system_metrics=False), "refused")
+    assert time.monotonic() - started < 30  # MLflow's own retries would take minutes
+    assert "Connection refused; trying again" in capsys.readouterr().err
