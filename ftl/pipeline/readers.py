@@ -24,21 +24,23 @@ READ_ATTEMPTS = retry.OUTAGE_ATTEMPTS  # fetches of an object whose reads fail f
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to PIL
 
 
-def read_all(uris: list[str], storage_options: dict | None, *, attempts: int = READ_ATTEMPTS) -> list:
+def read_all(uris: list[str], storage_options: dict | None, *, attempts: int = READ_ATTEMPTS,
+             cap: int | None = None) -> list:
     """Fetch many objects (s3fs fetches a list concurrently); errors come back per object.
 
     A batch may mix filesystems (a manifest naming s3:// and https:// images): each one's URIs
     are fetched together, by that filesystem, in its own path form, so one scheme's rows never
     fail for another's. Objects that failed for a passing reason (timeouts, throttling, 5xx)
     are fetched again, a bounded number of times with backoff; what still fails comes back as
-    its last error.
+    its last error. With `cap`, at most cap + 1 bytes of each object are read, and one that has
+    more comes back as TooBig: the byte limit holds for objects whose size the listing did not give.
     """
     groups: dict[str, list[str]] = {}
     for u in dict.fromkeys(uris):
         groups.setdefault(filesystem_of(u), []).append(u)
     got: dict[str, bytes | Exception] = {}
     for group in groups.values():
-        got.update(fetch(group, storage_options, attempts=attempts))
+        got.update(fetch(group, storage_options, attempts=attempts, cap=cap))
     return [got[u] for u in uris]
 
 
@@ -46,7 +48,8 @@ def filesystem_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri and not uri.startswith("file://") else "file"
 
 
-def fetch(uris: list[str], storage_options: dict | None, *, attempts: int) -> dict[str, bytes | Exception]:
+def fetch(uris: list[str], storage_options: dict | None, *, attempts: int,
+          cap: int | None = None) -> dict[str, bytes | Exception]:
     """One filesystem's objects by URI."""
     try:
         located = [storage.locate(u, storage_options) for u in uris]
@@ -57,7 +60,9 @@ def fetch(uris: list[str], storage_options: dict | None, *, attempts: int) -> di
     wanted = list(path_of.values())
     for attempt in range(attempts):
         try:
-            fetched = fs.cat(wanted, on_error="return")
+            fetched = (fs.cat(wanted, on_error="return") if cap is None else
+                       dict(zip(wanted, fs.cat_ranges(wanted, [0] * len(wanted), [cap + 1] * len(wanted),
+                                                      on_error="return"))))
             got.update({p: fetched.get(p, FileNotFoundError(p)) for p in wanted})
         except Exception as e:  # the whole request failed: every object of it is unread
             got.update(dict.fromkeys(wanted, e))
@@ -65,7 +70,9 @@ def fetch(uris: list[str], storage_options: dict | None, *, attempts: int) -> di
         if not wanted or attempt == attempts - 1:
             break
         time.sleep(retry.backoff(attempt))
-    return {u: got[p] for u, p in path_of.items()}
+    over = f"more than extract.max_image_bytes={cap} bytes (its size was not listed: read up to the limit)"
+    return {u: TooBig(over) if cap is not None and isinstance(got[p], bytes) and len(got[p]) > cap else got[p]
+            for u, p in path_of.items()}
 
 
 def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) -> tuple[list, np.ndarray]:
@@ -83,8 +90,11 @@ def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) 
             for i, size in enumerate(sizes) if max_bytes and size is not None and size > max_bytes and not done[i]}
     todo = [i for i in range(n) if i not in over and not done[i]]
     data: list = [b""] * n
-    for i, blob in zip(todo, read_all([uris[i] for i in todo], storage_options)):
-        data[i] = blob
+    for unsized in (False, True):  # an object of unknown size is read no further than the cap
+        part = [i for i in todo if (sizes[i] is None) == unsized]
+        cap = max_bytes if unsized else None
+        for i, blob in zip(part, read_all([uris[i] for i in part], storage_options, cap=cap)):
+            data[i] = blob
     for i, e in over.items():
         data[i] = e
     return data, done

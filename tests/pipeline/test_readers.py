@@ -58,3 +58,17 @@ def test_the_first_row_scheme_does_not_decide_the_batch(tmp_path, http_folder, f
     out = readers.decode_batch(batch, pre=imaging.Preprocess(32, 28, (0.5,) * 3, (0.5,) * 3),
                                max_pixels=10**7, storage_options=None)
     assert out["error"].to_pylist() == ["", "", ""]
+
+
+def test_the_byte_cap_holds_when_the_listing_gave_no_size(tmp_path, http_folder, fmnist):
+    """A manifest row whose size is unknown is read no further than extract.max_image_bytes."""
+    served, base = http_folder
+    small = shipped_pngs(fmnist, 1)[0]
+    (served / "big.png").write_bytes(small + b"\0" * 200_000)
+    (served / "small.png").write_bytes(small)
+    batch = pa.table({"image_id": ["0", "1"], "uri": [f"{base}/big.png", f"{base}/small.png"],
+                      "label": ["x"] * 2, "split": [None] * 2, "size": pa.nulls(2, pa.int64())})
+    out = readers.decode_batch(batch, pre=imaging.Preprocess(32, 28, (0.5,) * 3, (0.5,) * 3), max_pixels=10**7,
+                               storage_options=None, max_bytes=len(small) + 10)
+    errors = out["error"].to_pylist()
+    assert "more than extract.max_image_bytes" in errors[0] and errors[1] == ""
