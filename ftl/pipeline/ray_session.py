@@ -24,6 +24,7 @@ import sys
 import threading
 
 from ftl import logs
+from ftl.errors import FtlError
 from ftl.pipeline import reaper
 from ftl.pipeline.allocator import WORKER_ENV
 
@@ -72,13 +73,29 @@ def ensure_ray() -> None:
     """Join the running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
     import ray
 
-    if _thread is not None:
-        _ready.wait()
-        if _failure is not None:
-            raise _failure
-    if not ray.is_initialized():  # never started, or shut down since (a test's own runtime)
-        _start()
+    try:
+        if _thread is not None:
+            _ready.wait()
+            if _failure is not None:
+                raise _failure
+        if not ray.is_initialized():  # never started, or shut down since (a test's own runtime)
+            _start()
+    except FtlError:
+        raise
+    except Exception as e:
+        raise not_started(e) from e
     logs.quiet_ray_data()
+
+
+def not_started(e: Exception) -> FtlError:
+    """Ray's own start-up failure, said with what to do about it."""
+    said = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if not local():
+        return FtlError(f"could not join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']} ({said}); check "
+                        f"that its head runs (`ray status --address ...`), or unset RAY_ADDRESS to run locally")
+    return FtlError(f"the local Ray runtime did not start ({said}). On a loaded or small machine its processes can "
+                    f"take longer than Ray waits: retry when the machine is quieter, free memory and /dev/shm, or "
+                    f"start one yourself (`ray start --head`) and set RAY_ADDRESS=auto")
 
 
 def _start_recording() -> None:
