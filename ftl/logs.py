@@ -50,6 +50,11 @@ def configure(*, be_verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Its "View run … at" lines: each summary ends with the run's link already.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # s3fs's and aiohttp's own background tasks fail with the network during an outage, and asyncio
+    # prints each one's traceback; the read that needed it is retried, and counted, by ftl.
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _PassingTaskErrors) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_PassingTaskErrors())
     # Deprecations inside Ray and MLflow are theirs to fix, not the user's; ours are fixed where they arise.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(ray|mlflow|pydantic)(\.|$)")
 
@@ -73,6 +78,16 @@ class _Drop(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], LeaseLost):
             return False
         return not any(text in record.getMessage() for text in self.CHOSEN)
+
+
+class _PassingTaskErrors(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for an error that passes (a reset, a timeout)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ftl.io import retry
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and "never retrieved" in record.getMessage() and retry.is_transient(error))
 
 
 def quiet_ray_data() -> None:

@@ -110,3 +110,44 @@ def test_ftl_run_shows_only_its_own_lines(tmp_path, fmnist, mlflow_server):
     foreign = [l for l in lines if not OWN_LINES.match(l)]
     assert not foreign, "\n".join(foreign[:20])
     assert "image model: models:/screen/1" in done.stdout  # and the summary is all there
+
+
+def test_background_tasks_that_fail_with_the_network_print_nothing_and_bugs_still_do():
+    """During an S3 outage s3fs's own tasks fail; asyncio's tracebacks of them are noise, a real bug's are not."""
+    import asyncio
+    import gc
+    import logging
+
+    from ftl import logs
+
+    logs.configure(be_verbose=False)
+
+    async def reset():
+        raise ConnectionResetError("Connection reset by peer")
+
+    async def bug():
+        raise ValueError("a real bug")
+
+    async def both():
+        asyncio.ensure_future(reset())
+        asyncio.ensure_future(bug())
+        await asyncio.sleep(0.05)
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    kept = Keep()
+    logging.getLogger("asyncio").addHandler(kept)
+    try:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(both())
+        loop.close()
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").removeHandler(kept)
+    assert [type(r.exc_info[1]).__name__ for r in kept.records] == ["ValueError"]
