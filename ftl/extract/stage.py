@@ -55,9 +55,10 @@ class ExtractResult(Tally):
             lines.append(f"gone from the source: {self.gone} (rows kept in the output)")
         if self.settings:
             lines.append(f"ran on {self.settings}")
-        lines += [f"features:   {self.features_uri}{version(self.versions.get(FEATURES))}",
-                  f"quarantine: {self.quarantine_uri}{version(self.versions.get(QUARANTINE))}",
-                  f"feature set {self.feature_set}: {self.provenance.backbone} {self.provenance.layer_names}"]
+        lines.append(f"features:   {self.features_uri}{version(self.versions.get(FEATURES))}")
+        if self.quarantined:  # the reasons, where this run put them
+            lines.append(f"quarantine: {self.quarantine_uri}{version(self.versions.get(QUARANTINE))}")
+        lines.append(f"feature set {self.feature_set}: {self.provenance.backbone} {self.provenance.layer_names}")
         return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ def done(s: dict) -> int:
 
 
 def line(stage: str, s: dict, total, seconds: float) -> str:
-    """`train: epoch 12/100 of weight decay 2/5, val accuracy 0.8420, 14s elapsed, ETA at most 1m05s`."""
+    """`train: epoch 12/100 of weight decay 2/5, val accuracy 0.8420, 14s elapsed, ETA about 1m05s if no early stop`."""
     if not s.get("epochs"):
         return f"{stage}: starting the workers, {fmt_seconds(seconds)} elapsed"
     head = f"{stage}: epoch {s['epoch']}/{s['epochs']}"
@@ -52,8 +52,9 @@ def line(stage: str, s: dict, total, seconds: float) -> str:
     parts.append(f"{fmt_seconds(seconds)} elapsed")
     left = s.get("fits", 1) * s["epochs"] - done(s)
     if left > 0 and s.get("rate_epochs", 0) > 0:
-        # Early stopping ends most fits before their budget: the estimate is an upper bound.
-        parts.append(f"ETA at most {fmt_seconds(s['rate_seconds'] / s['rate_epochs'] * left)}")
+        # Every epoch left at the pace so far: early stopping usually ends sooner, and a slower epoch
+        # (a loaded machine, a bigger candidate) later; an estimate, not a bound.
+        parts.append(f"ETA about {fmt_seconds(s['rate_seconds'] / s['rate_epochs'] * left)} if no early stop")
     return ", ".join(parts)
 
 

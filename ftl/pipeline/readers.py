@@ -9,6 +9,7 @@ accounted for.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -101,8 +102,11 @@ def blobs(batch: pa.Table, storage_options: dict | None, max_bytes: int | None) 
 
 
 def reason(e: BaseException) -> str:
-    """One line for the quarantine's `error` column; a presigned URI's token in it is masked."""
-    return mask_text(f"{type(e).__name__}: {e}")
+    """One readable line for the quarantine's `error` column: no object's memory address, no token."""
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-f]+>", "", str(e))
+    if type(e).__name__ == "UnidentifiedImageError":
+        text = f"{text}: not an image format PIL reads (or a truncated one)"
+    return mask_text(f"{type(e).__name__}: {text}")
 
 
 class BadSample(ValueError):

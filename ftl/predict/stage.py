@@ -43,8 +43,8 @@ class PredictResult(plan.Tally):
         return (f"model {self.model}: {self.tally(ok_as='predicted')}\n"
                 + (f"changed since last run: {self.superseded} (old predictions replaced)\n" if self.superseded else "")
                 + (f"ran on {self.settings}\n" if self.settings else "")
-                + f"predictions: {self.output}/{PREDICTIONS}{v.get(PREDICTIONS, '')}\n"
-                + f"quarantine:  {self.output}/{QUARANTINE}{v.get(QUARANTINE, '')}")
+                + f"predictions: {self.output}/{PREDICTIONS}{v.get(PREDICTIONS, '')}"
+                + (f"\nquarantine:  {self.output}/{QUARANTINE}{v.get(QUARANTINE, '')}" if self.quarantined else ""))
 
 
 def load_model(cfg: PredictConfig, tracking_uri: str):

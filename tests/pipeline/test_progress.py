@@ -87,7 +87,7 @@ def test_epoch_line_counts_every_fit_and_bounds_the_eta():
     s = {"epoch": 5, "epochs": 10, "fit": 2, "fits": 3, "what": "candidate", "note": "blocks features.18",
          "val_accuracy": 0.5, "rate_seconds": 10.0, "rate_epochs": 10}
     assert live.line("finetune", s, None, 75) == ("finetune: epoch 5/10 of candidate 2/3, blocks features.18, "
-                                                  "val accuracy 0.5000, 1m15s elapsed, ETA at most 15s")
+                                                  "val accuracy 0.5000, 1m15s elapsed, ETA about 15s if no early stop")
     assert live.line("train", {}, None, 3) == "train: starting the workers, 3s elapsed"
 
 
