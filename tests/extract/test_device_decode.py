@@ -158,7 +158,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fmnist_spec):
     pre = fmnist_spec[0].preprocess
     batch = model_batch(digits, pre, 10)
-    column = fmnist_spec[1]["layers"][0]["column"]
+    column = fmnist_spec[1].layers[0].column
     device = embedder(fmnist_spec, decode="device")(batch)
     assert device["error"].to_pylist() == [""] * 10
     # The same images decoded by PIL on CPU tasks, through the same model.
@@ -175,10 +175,10 @@ def test_embedder_device_decode_matches_cpu_decode_in_every_precision(digits, fm
 def test_compiled_backbone_pads_short_batches_and_agrees(digits, fmnist_spec):
     pre = fmnist_spec[0].preprocess
     batch = model_batch(digits, pre, 5)
-    column = fmnist_spec[1]["layers"][0]["column"]
+    column = fmnist_spec[1].layers[0].column
     eager = embedder(fmnist_spec, decode="device")(batch)
     compiled = embedder(fmnist_spec, decode="device", compile=True, batch_size=8)(batch)
     a = np.stack(eager[column].to_numpy(zero_copy_only=False))
     b = np.stack(compiled[column].to_numpy(zero_copy_only=False))
-    assert b.shape == a.shape == (5, fmnist_spec[1]["layers"][0]["dim"])
+    assert b.shape == a.shape == (5, fmnist_spec[1].layers[0].dim)
     assert np.allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(a).max())

@@ -99,9 +99,9 @@ def test_a_write_task_that_ray_retries_after_committing_adds_no_row(tmp_path, fm
         out, folder="features", schema=extract.schema.features(prov), rows_per_file=1000, fence=fence)
     schemas = {"features": extract.schema.features(prov), "quarantine": extract.schema.QUARANTINE}
     try:
-        with extract.output.writing(out, identity=prov, key="feature_set", storage_cfg=wf.storage,
+        with extract.output.writing(out, identity=prov.to_dict(), key="feature_set", storage_cfg=wf.storage,
                                     what="extraction", mismatch=extract.mismatch, schemas=schemas,
-                                    description=prov) as held:
+                                    description=prov.to_dict()) as held:
             counts = extract.extract_into(out, wf, spec, prov, listed, fence=held.fence)
     finally:
         extract.feature_sink = original
