@@ -133,8 +133,9 @@ def differences(a: dict, b: dict) -> list[str]:
     return [k for k in IDENTITY if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
-def features(prov: Provenance) -> pa.Schema:
+def features(prov: Provenance | dict) -> pa.Schema:
     """Base columns plus one fixed_size_list column per tapped layer, provenance in metadata."""
+    prov = Provenance.of(prov)  # as stored (a table's description) or typed
     value = pa.float16() if prov.feature_dtype == "float16" else pa.float32()
     fields = [*BASE] + [pa.field(l.column, pa.list_(value, l.dim)) for l in prov.layers]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(prov.to_dict(), sort_keys=True).encode()})

@@ -31,6 +31,10 @@ class FlakyFS(MemoryFileSystem):
     failures: dict[str, tuple[int, BaseException]] = {}
     reads: Counter = Counter()
 
+    @classmethod
+    def _strip_protocol(cls, path):  # as every fsspec filesystem does with its own protocol
+        return super()._strip_protocol(path.removeprefix("flaky://"))
+
     def cat_file(self, path, start=None, end=None, **kwargs):
         path = self._strip_protocol(path)
         self.reads[path] += 1
