@@ -152,10 +152,15 @@ def test_an_mlflow_that_refuses_is_said_while_waited_for_then_named(monkeypatch,
     from ftl.errors import TrackingError
     from tests.conftest import free_port
 
+    import mlflow
+
     monkeypatch.setenv("FTL_MLFLOW_WAIT_SECONDS", "3")
     uri = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    with pytest.raises(TrackingError, match=f"MLflow at {uri} did not answer for 3s .*start the server"):
-        tracking.setup(TrackingConfig(uri=uri, system_metrics=False), "refused")
+    started, saved = time.monotonic(), mlflow.get_tracking_uri()
+    try:
+        with pytest.raises(TrackingError, match=f"MLflow at {uri} did not answer for 3s .*start the server"):
+            tracking.setup(TrackingConfig(uri=uri, system_metrics=False), "refused")
+    finally:
+        mlflow.set_tracking_uri(saved)  # the later tests' server, not this dead port
     assert time.monotonic() - started < 30  # MLflow's own retries would take minutes
     assert "Connection refused; trying again" in capsys.readouterr().err
