@@ -23,9 +23,9 @@ def imports(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("ftl")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ftl"):
-            for a in node.names:  # `from ftl.train import stage` imports the module ftl.train.stage
-                sub = f"{node.module}.{a.name}"
-                found.add(sub if sub in modules else node.module)
+            # `from ftl.train import stage` runs ftl/train/__init__.py, then imports ftl.train.stage: both arrows.
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
     return {m for m in found if m in modules}
 
 

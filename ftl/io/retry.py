@@ -42,6 +42,7 @@ OPAQUE_WORDS = ("timed out", "timeout", "throttl", "slow down", "slowdown", "int
                 "bad gateway", "gateway timeout",
                 "service unavailable", "connection reset", "connection refused", "connection closed",
                 "error sending request", "access denied", "forbidden", "too many requests")
+LASTING = (FtlError, FileNotFoundError, IsADirectoryError)  # whatever else the chain holds
 PATHS = re.compile(r"\S*[/\\]\S*")
 
 
@@ -50,9 +51,9 @@ def is_transient(e: BaseException) -> bool:
     its causes, never by words in a message that may quote a URI."""
     opaque, said = [], False
     for c in chain(e):
-        verdict = structured(c)
-        if verdict is False and isinstance(c, (FtlError, FileNotFoundError, IsADirectoryError)):
+        if isinstance(c, LASTING):
             return False  # ours, or the object is gone: nothing a retry changes
+        verdict = structured(c)
         if verdict:
             return True
         said |= verdict is False
@@ -65,8 +66,6 @@ def is_transient(e: BaseException) -> bool:
 
 def structured(e: BaseException) -> bool | None:
     """What the error's own fields say: True (passes), False (stays), or None (it says nothing)."""
-    if isinstance(e, (FtlError, FileNotFoundError, IsADirectoryError)):
-        return False
     if isinstance(e, (TimeoutError, ConnectionError, PermissionError)) or type(e).__name__ in TRANSIENT_NAMES:
         return True
     response = getattr(e, "response", None)  # botocore's ClientError

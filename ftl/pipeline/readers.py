@@ -53,10 +53,10 @@ def fetch(uris: list[str], storage_options: dict | None, *, attempts: int,
           cap: int | None = None) -> dict[str, bytes | Exception]:
     """One filesystem's objects by URI."""
     try:
-        located = [storage.locate(u, storage_options) for u in uris]
+        fs = storage.locate(uris[0], storage_options).fs  # once per batch and filesystem, not per image
     except Exception as e:  # a scheme no installed filesystem serves: every object of it is unreadable
         return dict.fromkeys(uris, e)
-    fs, path_of = located[0].fs, {u: loc.path for u, loc in zip(uris, located)}
+    path_of = {u: fs._strip_protocol(u) for u in uris}  # each filesystem's own path form
     got: dict[str, bytes | Exception] = {}
     wanted = list(path_of.values())
     for attempt in range(attempts):

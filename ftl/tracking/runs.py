@@ -13,8 +13,10 @@ from pathlib import Path
 from ftl.config import TrackingConfig
 from ftl.errors import TrackingError, chain
 from ftl.secrets import split_userinfo
-from ftl.tracking import owner, reach
 from ftl.tracking.lookup import find_extraction
+from ftl.tracking.owner import end_abandoned
+from ftl.tracking.owner import tags as owner_tags
+from ftl.tracking.reach import wait_for
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI views.
@@ -51,7 +53,7 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
     """Point MLflow at the store and the workflow's experiment; returns the experiment id."""
     import mlflow
 
-    reach.wait_for(connect(cfg))
+    wait_for(connect(cfg))
     if cfg.system_metrics:
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
@@ -67,7 +69,7 @@ def setup(cfg: TrackingConfig, workflow: str) -> str:
         elif existing.tags.get(KIND_TAG) != EXPERIMENT_KIND[KIND_TAG]:
             mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, KIND_TAG, EXPERIMENT_KIND[KIND_TAG])
         experiment_id = mlflow.set_experiment(name).experiment_id
-        owner.end_abandoned(experiment_id)
+        end_abandoned(experiment_id)
         return experiment_id
     except Exception as e:
         raise TrackingError(f"cannot use MLflow at {uri_of(cfg)}: {e}") from e
@@ -97,7 +99,7 @@ def start(cfg: TrackingConfig, *, name: str, stage: str, tags: dict | None = Non
     """A run with system metrics; yields its id."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, tags={"ftl.stage": stage, **owner.tags(), **(tags or {})},
+    with mlflow.start_run(run_name=name, tags={"ftl.stage": stage, **owner_tags(), **(tags or {})},
                           log_system_metrics=cfg.system_metrics) as run:
         yield run.info.run_id
 
@@ -107,7 +109,7 @@ def child(*, name: str, stage: str, tags: dict | None = None) -> Iterator[str]:
     """A run nested under the active one (no system metrics: one sampler thread per trial costs more than it tells)."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **owner.tags(), **(tags or {})},
+    with mlflow.start_run(run_name=name, nested=True, tags={"ftl.stage": stage, **owner_tags(), **(tags or {})},
                           log_system_metrics=False) as run:
         yield run.info.run_id
 
@@ -118,7 +120,7 @@ def resume(cfg: TrackingConfig, run_id: str) -> Iterator[str]:
     import mlflow
 
     with mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics) as run:
-        mlflow.set_tags(owner.tags())  # this process runs it now
+        mlflow.set_tags(owner_tags())  # this process runs it now
         yield run.info.run_id
 
 
