@@ -149,10 +149,10 @@ def test_an_mlflow_that_refuses_is_said_while_waited_for_then_named(monkeypatch,
     """A port nobody listens on: each try is on the screen, and the command stops in seconds, not minutes."""
     import time
 
+    import mlflow
+
     from ftl.errors import TrackingError
     from tests.conftest import free_port
-
-    import mlflow
 
     monkeypatch.setenv("FTL_MLFLOW_WAIT_SECONDS", "3")
     uri = f"http://127.0.0.1:{free_port()}"
