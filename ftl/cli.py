@@ -132,16 +132,29 @@ def predict(workflow: Annotated[Optional[Path], typer.Argument(
 
 
 @app.command()
-def layers(backbone: Annotated[str, typer.Argument(help="a torchvision model name, e.g. resnet50")],
-           pooling: Annotated[str, typer.Option(help="avg, max or avgmax")] = "avg") -> None:
+def layers(backbone: Annotated[str, typer.Argument(help="a torchvision name (resnet50) or timm/<name> "
+                                                     "(timm/vit_small_patch14_dinov2.lvd142m)")],
+           pooling: Annotated[str, typer.Option(help="avg, max, avgmax; for ViT blocks also cls, patch_avg, "
+                                                     "cls_patch_avg")] = "avg",
+           all: Annotated[bool, typer.Option("--all", help="every graph node, not only the blocks (timm)")] = False,
+           ) -> None:
     """List a backbone's tap points with their output shapes and pooled dims."""
     from ftl.model import backbones
 
+    if pooling not in backbones.POOLINGS:
+        raise config.WorkflowError(f"--pooling {pooling}: valid: {', '.join(backbones.POOLINGS)}")
+    backbones.check_name(backbone)
     default = backbones.default_layer(backbone)
+    every = all or backbones.provider(backbone) is not backbones.timm_zoo
+    points = backbones.tap_points(backbone, every=every)
     typer.echo(f"{'layer':<40} {'output shape':<22} pooled dim")
-    for name, shape in backbones.tap_points(backbone):
+    for name, shape in points:
         mark = "  (default: penultimate)" if name == default else ""
-        typer.echo(f"{name:<40} {str(shape[1:]):<22} {backbones.pooled_dim(shape, pooling)}{mark}")
+        dim = backbones.pooled_dim(shape, pooling) if len(shape) == 3 or pooling not in backbones.TOKEN_POOLINGS else "-"
+        typer.echo(f"{name:<40} {str(shape[1:]):<22} {dim}{mark}")
+    if not every:
+        typer.echo(f"(blocks and pre_logits; any of the {len(backbones.taps(backbone))} graph nodes can be tapped: "
+                   f"ftl layers {backbone} --all)")
 
 
 @app.command()

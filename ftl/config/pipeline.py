@@ -8,6 +8,8 @@ from pydantic import Field
 
 from ftl.config.base import Strict
 
+Pooling = Literal["avg", "max", "avgmax", "cls", "patch_avg", "cls_patch_avg"]
+
 
 class PreprocessConfig(Strict):
     """Override what the weights prescribe; unset fields follow the weights."""
@@ -67,7 +69,9 @@ class FeatureSetConfig(Strict):
     # a weights file URI (.pt, .pth, .safetensors), or "random".
     weights: str = "DEFAULT"
     layers: list[str] = Field(default_factory=list, description="empty: the penultimate layer")
-    pooling: Literal["avg", "max", "avgmax"] = "avg"
+    # avg/max/avgmax pool feature maps (and every token); a ViT block's tokens can also give the class token
+    # (cls), the mean of its patch tokens (patch_avg), or both side by side (cls_patch_avg, as DINOv2 probes).
+    pooling: Pooling = "avg"
     preprocess: PreprocessConfig = PreprocessConfig()
     feature_dtype: Literal["float32", "float16"] = "float32"
 

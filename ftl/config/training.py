@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ftl.config.base import Strict
+from ftl.config.pipeline import Pooling, PreprocessConfig
 
 
 class TrainConfig(Strict):
@@ -37,6 +38,8 @@ class TrainConfig(Strict):
 class SweepBackbone(Strict):
     backbone: str
     weights: str = "DEFAULT"
+    pooling: Pooling | None = Field(default=None, description="empty: extract.pooling")
+    preprocess: PreprocessConfig | None = Field(default=None, description="empty: extract.preprocess")
     layers: list[str] = Field(default_factory=list, description="empty: evenly spaced stages (ftl.backbones.stage_layers)")
 
 

@@ -53,9 +53,9 @@ def build_tap(spec: ModelSpec, *, channels_last: bool, storage_options: dict | N
         import ray
 
         data = ray.get(spec.payload)
-    model = weights.load(spec.backbone, spec.weights, data=data, storage_options=storage_options)
     pre = spec.preprocess
-    return backbones.Tap(model, list(spec.layers), pooling=spec.pooling, mean=pre.mean, std=pre.std,
+    model = weights.load(spec.backbone, spec.weights, data=data, storage_options=storage_options, size=pre.crop)
+    return backbones.tap(spec.backbone, model, list(spec.layers), pooling=spec.pooling, mean=pre.mean, std=pre.std,
                          channels_last=channels_last)
 
 

@@ -36,7 +36,7 @@ def feeding(backbone: str, layer: str) -> list[str]:
     """The blocks whose output reaches `layer`, in depth order."""
     nodes = backbones.node_names(backbone)
     at = nodes.index(backbones.taps(backbone)[layer])
-    return [b for b in backbones.stage_blocks(backbones.build(backbone)) if first_node(nodes, b) <= at]
+    return [b for b in backbones.blocks_of(backbone) if first_node(nodes, b) <= at]
 
 
 def stages(backbone: str, blocks: list[str]) -> list[list[str]]:
@@ -52,7 +52,7 @@ def stages(backbone: str, blocks: list[str]) -> list[list[str]]:
 
 def check_names(spec: str | list[str] | None, *, backbone: str) -> None:
     """Every block `spec` names is one of the backbone's; checked before any work."""
-    every = backbones.stage_blocks(backbones.build(backbone))
+    every = backbones.blocks_of(backbone)
     names = [] if spec in (None, "auto") else spec if isinstance(spec, list) else spec.split(":")
     for i, name in enumerate(names):
         if name and name not in every:

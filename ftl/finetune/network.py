@@ -14,7 +14,6 @@ import contextlib
 
 import torch
 from torch import fx, nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from ftl.errors import LayerError
 from ftl.finetune.job import NetSpec
@@ -25,7 +24,7 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 def graph_to(model: nn.Module, node: str) -> fx.Graph:
     """The eval-mode graph from the image to `node`, whose output is {"out": tensor}."""
-    return create_feature_extractor(model.eval(), return_nodes={node: "out"}).eval_graph
+    return backbones.extractor(model.eval(), {node: "out"}).eval_graph
 
 
 def output_node(graph: fx.Graph) -> fx.Node:
@@ -70,6 +69,7 @@ class Finetuned(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.pooling, self.inputs, self.freeze_bn = pooling, inputs, freeze_bn
+        self.prefix_tokens = backbones.prefix_tokens(backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         prefix = module_of(backbone, graph_to(backbone, cut)) if cut else None
@@ -110,13 +110,16 @@ class Finetuned(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "pixels":
             x = self.prefix(x)
-        out = self.graphs[1](x.float().contiguous(memory_format=torch.channels_last))["out"]
-        return self.head(backbones.pool(out, self.pooling).float())
+        x = x.float()
+        if x.ndim == 4:  # image-like activations; a ViT's cut is a token sequence
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.graphs[1](x)["out"]
+        return self.head(backbones.pool(out, self.pooling, prefix=self.prefix_tokens).float())
 
 
 def build(spec: NetSpec, states: dict, *, inputs: str) -> Finetuned:
     """The probe's backbone and head from `spec` and `states` (by value: nothing is read from the driver's disk)."""
-    backbone = backbones.build(spec.backbone)
+    backbone = backbones.build(spec.backbone, spec.crop)
     backbone.load_state_dict(states["backbone_state"])
     head = heads.build(spec.head, states["head_state"])
     return Finetuned(backbone, head, cut=spec.cut, node=spec.node, pooling=spec.pooling, mean=spec.mean,

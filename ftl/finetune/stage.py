@@ -209,7 +209,7 @@ def register_model(tuned: trainer.Tuned, probe: probes.Probe, *, registered: str
     """The fine-tuned backbone and head as a new version of the image model (and maybe its champion: the note)."""
     from ftl.model import backbones, classifier, heads
 
-    net = backbones.build(probe.provenance.backbone)
+    net = backbones.build(probe.provenance.backbone, probe.provenance.preprocess["crop"])
     net.load_state_dict(tuned.backbone_state)
     head = heads.build(probe.meta["head"], tuned.head_state)
     prov = {**probe.meta["provenance"], "finetuned": {k.removeprefix("ftl."): str(v) for k, v in tags.items()}}

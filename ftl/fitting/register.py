@@ -42,7 +42,7 @@ def backbone_for(wf: Workflow, prov: Provenance):
         except WeightsError:
             continue
         if ref.sha256 == w.sha256:
-            return weights.load(prov.backbone, ref, storage_options=wf.storage.options)
+            return weights.load(prov.backbone, ref, storage_options=wf.storage.options, size=prov.preprocess["crop"])
     raise TrainError(
         f"the features were made with weights {w.id} (sha256 {w.sha256[:12]}…), which neither "
         f"extract.weights={wf.extract.weights!r} nor {w.id!r} resolves to; set extract.weights to that file"

@@ -50,7 +50,8 @@ def run(wf: Workflow) -> SweepRun:
 def output_of(wf: Workflow, entry: SweepBackbone) -> str:
     """Each backbone and weights into its own folder under extract.output."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(entry.weights.rstrip("/")) or entry.weights)
-    return storage.locate(wf.extract.output, wf.storage.options).join(f"{entry.backbone}-{slug}").uri
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", entry.backbone)  # timm/<name>: one folder, not two
+    return storage.locate(wf.extract.output, wf.storage.options).join(f"{name}-{slug}").uri
 
 
 def plan_extractions(wf: Workflow) -> list[Workflow]:
@@ -73,8 +74,10 @@ def plan_extractions(wf: Workflow) -> list[Workflow]:
             raise config.WorkflowError(f"{path}: {entry.backbone} with weights {entry.weights} is already "
                                        f"{where}[{seen[key]}]; list its layers once, in one entry")
         seen[key] = i
+        own = {"pooling": entry.pooling, "preprocess": entry.preprocess}
         ext = wf.extract.model_copy(update={"backbone": entry.backbone, "weights": entry.weights, "layers": layers,
-                                            "output": output_of(wf, entry)})
+                                            "output": output_of(wf, entry)}
+                                    | {k: v for k, v in own.items() if v is not None})
         sub = wf.model_copy(update={"extract": ext})
         extract.model_spec(sub)  # resolves the weights and the dims of every layer, on the driver
         subs.append(sub)

@@ -1,60 +1,69 @@
-"""Backbones: torchvision classification models by name, their layers and their taps."""
+"""Backbones by name from a small registry of providers, their layers and their taps.
+
+A plain name (`resnet50`) is torchvision's, `timm/<name>` is timm's. Each provider (torchvision_zoo,
+timm_zoo) builds its models, names their blocks and sweep stages, says what feeds the classifier,
+and gives its weights' preprocessing; everything else here works on the torch.fx graph that
+torchvision's feature extraction traces, for either provider alike: tap points are graph nodes,
+plus each module path (the last node inside it), plus `pre_logits` for timm models.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from ftl.errors import LayerError
-from ftl.model.vision import torchvision  # torchvision without torch._dynamo (see vision.py)
+from ftl.model import timm_zoo, torchvision_zoo
 
 # Not a plain `from torchvision... import`: that would import torchvision before vision.py could.
 feature_extraction = importlib.import_module("torchvision.models.feature_extraction")
 
-# The layer that feeds the classifier, where the generic rule (last node outside the
-# head module) picks something less useful, e.g. vgg16's 25088-d flatten instead of fc7.
-PENULTIMATE = {
-    "vgg11": "classifier.4", "vgg13": "classifier.4", "vgg16": "classifier.4", "vgg19": "classifier.4",
-    "vgg11_bn": "classifier.4", "vgg13_bn": "classifier.4", "vgg16_bn": "classifier.4",
-    "vgg19_bn": "classifier.4", "alexnet": "classifier.5",
-    "mobilenet_v3_large": "classifier.1", "mobilenet_v3_small": "classifier.1",
-    "convnext_tiny": "classifier.1", "convnext_small": "classifier.1",
-    "convnext_base": "classifier.1", "convnext_large": "classifier.1",
-}
-
-# Evenly spaced stages, for layer sweeps; the generic rule spaces top-level blocks instead.
-STAGES = {
-    "mobilenet_v2": ["features.4", "features.7", "features.11", "features.14", "features.18"],
-    "resnet18": ["layer1", "layer2", "layer3", "layer4", "flatten"],
-    "resnet50": ["layer1", "layer2", "layer3", "layer4", "flatten"],
-}
+POOLINGS = ("avg", "max", "avgmax", "cls", "patch_avg", "cls_patch_avg")
+TOKEN_POOLINGS = ("cls", "patch_avg", "cls_patch_avg")  # for (N, tokens, D) outputs: ViT blocks
 
 
-def names() -> list[str]:
-    """Every torchvision classification model."""
-    return torchvision.models.list_models(module=torchvision.models)
+def provider(name: str) -> ModuleType:
+    return timm_zoo if name.startswith(timm_zoo.PREFIX) else torchvision_zoo
+
+
+def provider_of(model: nn.Module) -> ModuleType:
+    return timm_zoo if type(model).__module__.startswith("timm.") else torchvision_zoo
 
 
 def check_name(name: str) -> None:
-    if name not in names():
-        raise LayerError(f"unknown backbone {name!r}; valid: {', '.join(names())}")
+    provider(name).check_name(name)
 
 
-def build(name: str) -> nn.Module:
-    """The architecture with random weights, in eval mode; weights are loaded by `weights.py`."""
+def build(name: str, size: int | None = None) -> nn.Module:
+    """The architecture with random weights, in eval mode, for `size`-pixel crops; weights are loaded by `weights.py`."""
     check_name(name)
-    kwargs = {"aux_logits": True, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    return provider(name).build(name, size)
+
+
+def extractor(model: nn.Module, return_nodes) -> nn.Module:
+    """torchvision's create_feature_extractor, with the tracing settings of the model's provider."""
+    return feature_extraction.create_feature_extractor(model, return_nodes=return_nodes,
+                                                       tracer_kwargs=provider_of(model).tracer_kwargs())
+
+
+@functools.lru_cache(maxsize=None)
+def model_of(name: str) -> nn.Module:
+    """One built model per name and process, for questions about structure (names, blocks, heads)."""
+    return build(name)
 
 
 @functools.lru_cache(maxsize=None)
 def node_names(name: str) -> tuple[str, ...]:
-    """Graph nodes of the eval-mode model (torchvision.models.feature_extraction)."""
-    _, nodes = feature_extraction.get_graph_node_names(build(name))
-    return tuple(n for n in nodes if n != "x")
+    """Graph nodes of the eval-mode model, its inputs aside."""
+    model = model_of(name)
+    _, nodes = feature_extraction.get_graph_node_names(model, tracer_kwargs=provider(name).tracer_kwargs())
+    inputs = set(inspect.signature(model.forward).parameters)
+    return tuple(n for n in nodes if n not in inputs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,55 +88,49 @@ def taps(name: str) -> dict[str, str]:
         out[node] = node
         for prefix in sorted(after.get(i, []), key=len, reverse=True):  # innermost module first
             out[prefix] = node
+    if provider(name) is timm_zoo:
+        out[timm_zoo.PRE_LOGITS] = out[penultimate(name, out)]
     return out
 
 
 def head_prefix(model: nn.Module) -> str:
-    """Top-level name of the module holding the final Linear (fc, classifier, heads).
+    return provider_of(model).head_prefix(model)
 
-    Models whose classifier is a convolution (squeezenet) fall back to the last top-level
-    module with parameters.
-    """
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1].split(".")[0]
-    return [n for n, m in model.named_children() if any(True for _ in m.parameters())][-1]
+
+def penultimate(name: str, points: dict[str, str]) -> str:
+    """What flows into the head: the last tap point before the classifier's module."""
+    prefix = head_prefix(model_of(name))
+    listed = list(points)
+    first_head = next(i for i, n in enumerate(listed) if n == prefix or n.startswith(prefix + "."))
+    return listed[first_head - 1]
 
 
 def default_layer(name: str) -> str:
     """The penultimate layer: the features the classifier head reads."""
-    if name in PENULTIMATE:
-        return PENULTIMATE[name]
-    prefix = head_prefix(build(name))
-    points = list(taps(name))
-    first_head = next(i for i, n in enumerate(points) if n == prefix or n.startswith(prefix + "."))
-    return points[first_head - 1]  # what flows into the head
+    if provider(name) is timm_zoo:
+        return timm_zoo.PRE_LOGITS
+    return torchvision_zoo.PENULTIMATE.get(name) or penultimate(name, taps(name))
+
+
+def stage_blocks(model: nn.Module) -> list[str]:
+    """The backbone's blocks, which fine-tuning trains: resnet layer1..4, mobilenet features.N, a ViT's blocks."""
+    return provider_of(model).stage_blocks(model)
+
+
+def blocks_of(name: str) -> list[str]:
+    return stage_blocks(model_of(name))
 
 
 def stage_layers(name: str, count: int = 5) -> list[str]:
     """Evenly spaced layers from early to penultimate, for sweeps."""
-    if name in STAGES:
-        return STAGES[name]
-    blocks = [b for b in stage_blocks(build(name)) if b in taps(name)]
-    penultimate = default_layer(name)
+    chosen = provider(name).feature_layers(name, model_of(name))
+    if chosen and provider(name) is torchvision_zoo:
+        return chosen
+    valid = taps(name)
+    blocks = [b for b in (chosen or blocks_of(name)) if b in valid and b != default_layer(name)]
     # count - 1 blocks spread from early to the last one, then what the classifier reads.
     picks = [blocks[round(i * (len(blocks) - 1) / max(1, count - 2))] for i in range(count - 1)] if blocks else []
-    return list(dict.fromkeys(picks + [penultimate]))
-
-
-def stage_blocks(model: nn.Module) -> list[str]:
-    """The backbone's blocks: children of the shallowest module with three or more container children.
-
-    resnet: layer1..layer4; efficientnet/convnext: features.N; vit: encoder.layers.encoder_layer_N.
-    """
-    level = [("", model)]
-    while level:
-        for prefix, module in level:
-            containers = [(f"{prefix}{n}", m) for n, m in module.named_children() if any(True for _ in m.children())]
-            if len(containers) >= 3:
-                return [n for n, _ in containers]
-        level = [(f"{p}{n}.", m) for p, mod in level for n, m in mod.named_children() if any(True for _ in m.children())]
-    return []
+    return list(dict.fromkeys(picks + [default_layer(name)]))
 
 
 def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") -> list[str]:
@@ -150,10 +153,22 @@ def check_layers(name: str, layers: list[str], *, path: str = "extract.layers") 
     return list(layers) or [default_layer(name)]
 
 
-def pool(x: torch.Tensor, how: str) -> torch.Tensor:
-    """(N, C, H, W) maps and (N, tokens, D) sequences become (N, D) vectors."""
+def pool(x: torch.Tensor, how: str, *, prefix: int = 0) -> torch.Tensor:
+    """(N, C, H, W) maps and (N, tokens, D) sequences become (N, D) vectors.
+
+    For token sequences, `prefix` tokens (class, registers) come before the patch tokens:
+    cls is the class token, patch_avg the mean of the patch tokens, cls_patch_avg both side by
+    side (DINOv2's linear evaluation); avg and max pool every token.
+    """
     if x.ndim == 2:
         return x
+    if how in TOKEN_POOLINGS:
+        if x.ndim != 3 or (prefix < 1 and how != "patch_avg"):
+            raise LayerError(f"pooling {how} needs a token layer with a class token (a ViT block); "
+                             f"this layer's output is {tuple(x.shape[1:])}: use avg, max or avgmax")
+        patches = x[:, prefix:].mean(1)
+        return {"cls": lambda: x[:, 0], "patch_avg": lambda: patches,
+                "cls_patch_avg": lambda: torch.cat([x[:, 0], patches], dim=1)}[how]()
     if x.ndim == 3:  # transformer tokens: pool over the sequence
         x = x.transpose(1, 2)
     dims = tuple(range(2, x.ndim))
@@ -166,18 +181,27 @@ def pool(x: torch.Tensor, how: str) -> torch.Tensor:
 
 def pooled_dim(shape: tuple[int, ...], how: str) -> int:
     channels = shape[1] if len(shape) == 4 else shape[-1]
-    return channels * 2 if how == "avgmax" and len(shape) > 2 else channels
+    doubled = how in ("avgmax", "cls_patch_avg")
+    return channels * 2 if doubled and len(shape) > 2 else channels
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    return provider_of(model).prefix_tokens(model)
 
 
 class Tap(nn.Module):
     """uint8 NHWC images → normalised → ONE forward pass → a pooled (N, D) tensor per layer."""
 
-    def __init__(self, model: nn.Module, layers: list[str], *, pooling: str, mean, std, channels_last: bool):
+    def __init__(self, model: nn.Module, layers: list[str], *, pooling: str, mean, std, channels_last: bool,
+                 nodes: dict[str, str] | None = None):
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.layers = list(layers)
         self.pooling = pooling
-        self.body = feature_extraction.create_feature_extractor(model.eval(), return_nodes={n: n for n in layers})
+        self.prefix = prefix_tokens(model)
+        # Aliases (timm's pre_logits) read their node; a module path is resolved by the extractor itself.
+        nodes = nodes or {}
+        self.body = extractor(model.eval(), {nodes.get(n, n): n for n in layers})
         self.body.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
@@ -187,15 +211,21 @@ class Tap(nn.Module):
         x = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format).float()
         x = (x - self.mean) / self.std
         outs = self.body(x)
-        return {n: pool(outs[n], self.pooling).float() for n in self.layers}
+        return {n: pool(outs[n], self.pooling, prefix=self.prefix).float() for n in self.layers}
+
+
+def tap(name: str, model: nn.Module, layers: list[str], **kwargs) -> Tap:
+    """A Tap on a backbone by name, its aliases resolved."""
+    aliases = {timm_zoo.PRE_LOGITS: taps(name)[timm_zoo.PRE_LOGITS]} if provider(name) is timm_zoo else {}
+    return Tap(model, layers, nodes=aliases, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def layer_shapes(name: str, size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Output shape of every tensor-valued tap point, from one forward pass on random weights."""
-    model = build(name)
     size = size or preprocess_defaults(name)["crop"]
-    body = feature_extraction.create_feature_extractor(model, return_nodes=list(node_names(name)))
+    model = build(name, size)
+    body = extractor(model, list(node_names(name)))
     with torch.inference_mode():
         outs = body(torch.zeros(2, 3, size, size))
     # A batch of 2 tells activations (leading dim 2) from parameters read inside forward.
@@ -211,21 +241,21 @@ def layer_dims(name: str, layers: list[str], *, pooling: str, size: int) -> dict
     missing = [n for n in layers if n not in shapes]
     if missing:
         raise LayerError(f"layers {missing} of {name} do not output a float tensor; pick another (ftl layers {name})")
+    for n in layers:
+        pool(torch.zeros(1, *shapes[n][1:]), pooling, prefix=prefix_tokens(model_of(name)))  # a wrong pooling fails here
     return {n: pooled_dim(shapes[n], pooling) for n in layers}
 
 
-def tap_points(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    """What `ftl layers` lists: every node with a float tensor output, in graph order."""
-    return list(layer_shapes(name).items())
+def tap_points(name: str, *, every: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+    """What `ftl layers` lists: every node with a float tensor output, in graph order, or only the blocks and
+    the pre-logits vector (a timm ViT has hundreds of nodes; its blocks are what a probe taps)."""
+    shapes = layer_shapes(name)
+    if every:
+        return list(shapes.items())
+    keep = set(blocks_of(name)) | set(stage_layers(name)) | {default_layer(name)}
+    return [(n, s) for n, s in shapes.items() if n in keep]
 
 
-def preprocess_defaults(name: str, weights_enum: str | None = None) -> dict:
-    """Resize, crop, mean and std that a torchvision weights enum prescribes.
-
-    Without one (weights files, shipped sets), the model's first ImageNet recipe applies:
-    the classic resize-256/crop-224 for most models, 342/299 for inception_v3.
-    """
-    options = torchvision.models.get_model_weights(name)
-    chosen = options[weights_enum.split(".")[-1]] if weights_enum else next(iter(options))
-    t = chosen.transforms()
-    return {"resize": t.resize_size[0], "crop": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std)}
+def preprocess_defaults(name: str, weights: str | None = None) -> dict:
+    """Resize, crop, mean and std that the weights prescribe."""
+    return provider(name).preprocess_defaults(name, weights)

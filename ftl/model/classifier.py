@@ -69,11 +69,11 @@ class ImageClassifier:
         self.classes = list(self.meta["classes"])
         p = prov["preprocess"]
         self.preprocess = imaging.Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
-        model = backbones.build(prov["backbone"])
+        model = backbones.build(prov["backbone"], self.preprocess.crop)
         model.load_state_dict(load_file(os.path.join(path, "backbone.safetensors")))
         self.layer = layer["name"]
         self.device = device
-        self.tap = backbones.Tap(model.eval(), [self.layer], pooling=layer["pooling"], mean=self.preprocess.mean,
+        self.tap = backbones.tap(prov["backbone"], model.eval(), [self.layer], pooling=layer["pooling"], mean=self.preprocess.mean,
                                  std=self.preprocess.std, channels_last=True).to(device).eval()
         self.head = heads.build(self.meta["head"], load_file(os.path.join(path, "head.safetensors"))).to(device).eval()
 

@@ -1,4 +1,4 @@
-"""Pre-trained weights: torchvision enums, weights files (local or S3), and shipped sets."""
+"""Pre-trained weights: torchvision enums, timm's hub weights, weights files (local or S3), and shipped sets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ftl.errors import WeightsError
-from ftl.model import backbones
+from ftl.model import backbones, timm_zoo
 from ftl.model.vision import torchvision  # torchvision without torch._dynamo (see vision.py)
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ RANDOM_SEED = 0
 class WeightsRef:
     """Where a backbone's weights come from, resolved once on the driver."""
 
-    kind: str  # enum | file | shipped | random
+    kind: str  # enum | hub | file | shipped | random
     id: str
     uri: str | None
     sha256: str | None
@@ -73,6 +73,13 @@ def resolve(backbone: str, weights: str, *, storage_options: dict[str, Any] | No
         if not loc.fs.exists(loc.path):
             raise WeightsError(f"extract.weights: weights file {weights} does not exist")
         return WeightsRef("file", os.path.basename(loc.path), weights, sha256_file(loc))
+    if backbones.provider(backbone) is timm_zoo:
+        if weights != "DEFAULT":
+            raise WeightsError(f"extract.weights: {weights!r} for {backbone}: a timm backbone takes DEFAULT (the hub "
+                               f"weights of its tag, e.g. {backbone.split('.')[0]}.<tag>), a .safetensors/.pth file "
+                               f"(path or s3:// URI), or random")
+        hub_id, path = timm_zoo.hub_file(backbone)
+        return WeightsRef("hub", hub_id, path, sha256_file(storage.locate(path)))
     enum = torchvision_enum(backbone, weights)
     path = download(enum, backbone)
     return WeightsRef("enum", str(enum), path, sha256_file(storage.locate(path)))
@@ -119,17 +126,18 @@ def sha256_file(loc: storage.Location) -> str:
 
 
 def load(backbone: str, ref: WeightsRef, *, data: bytes | None = None,
-         storage_options: dict[str, Any] | None = None) -> nn.Module:
+         storage_options: dict[str, Any] | None = None, size: int | None = None) -> nn.Module:
     """The backbone with its weights, frozen and in eval mode.
 
     `data`: the weights file's bytes as the driver read them (shipped through Ray's object store
     by ftl.extract.embed.ship); without it the file is read from `ref.uri`, which only the machine
     that resolved `ref` is sure to have. Either way the bytes must hash to `ref.sha256`.
+    `size`: the crop the model will see (a timm ViT is built for it).
     """
     # Seeded, so that every actor of a pool (and every rerun) gets the same random backbone.
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_SEED)
-        model = backbones.build(backbone)
+        model = backbones.build(backbone, size)
     if ref.kind == "random":
         return model.eval().requires_grad_(False)
     if data is None:
@@ -144,7 +152,9 @@ def load(backbone: str, ref: WeightsRef, *, data: bytes | None = None,
     elif ref.kind == "shipped":
         target = model.get_submodule(SHIPPED[ref.id].module)
         target.load_state_dict(by_position(state, target))
-    elif ref.kind == "file":
+    elif ref.kind in ("file", "hub"):
+        if backbones.provider(backbone) is timm_zoo:
+            state = timm_zoo.adapt(state, model)
         load_file_into(model, state, ref.uri)
     return model.eval().requires_grad_(False)
 

@@ -16,6 +16,14 @@ from ftl.errors import TrackingError
 SHIPPED_CODE = ("__init__.py", "errors.py", "model")
 # What that code imports (tests/model/test_model_package.py checks the two against each other).
 COMPOSED_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "fsspec")
+# And what it imports only for some backbones, by the backbone name's prefix.
+BACKBONE_REQUIREMENTS = {"timm/": ("timm", "huggingface_hub")}
+
+
+def composed_requirements(backbone: str) -> tuple[str, ...]:
+    """What the composed model of `backbone` needs: a timm backbone's model also pins timm."""
+    extra = [p for prefix, packages in BACKBONE_REQUIREMENTS.items() if backbone.startswith(prefix) for p in packages]
+    return (*COMPOSED_REQUIREMENTS, *extra)
 
 
 def requirements(*packages: str) -> list[str]:
@@ -66,11 +74,15 @@ def log_composed(folder: str, *, name: str, registered: str, classes: int):
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                         ColSpec(Array("double"), "probabilities")]),
     )
+    import json
+
+    with open(os.path.join(folder, "ftl_model.json")) as f:
+        backbone = json.load(f)["provenance"]["backbone"]
     with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp, registering():
         return mlflow.pyfunc.log_model(
             input_example=example_input(),
             name=name, loader_module="ftl.model.classifier", data_path=folder, code_paths=[model_code(tmp)],
-            signature=signature, pip_requirements=requirements(*COMPOSED_REQUIREMENTS),
+            signature=signature, pip_requirements=requirements(*composed_requirements(backbone)),
             registered_model_name=registered,
         )
 

@@ -35,7 +35,7 @@ def test_bad_value_names_list_index_and_choices(tmp_path):
         load(tmp_path, extract={"output": "out", "layers": ["flatten", ["nested"]], "pooling": "mean"})
     msg = str(e.value)
     assert "extract.layers[1]:" in msg
-    assert "extract.pooling:" in msg and "'avg', 'max' or 'avgmax'" in msg
+    assert "extract.pooling:" in msg and "'avg', 'max', 'avgmax', 'cls', 'patch_avg' or 'cls_patch_avg'" in msg
 
 
 def test_missing_required_key(tmp_path):
