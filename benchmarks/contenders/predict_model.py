@@ -30,13 +30,14 @@ def main() -> None:
     torch.manual_seed(0)
     head = heads.Head(layer.dim, len(CLASSES))
     where = Path(s["output"])
-    folder = classifier.save(str(where / "files"), head=head, backbone=weights.load(spec.backbone, spec.weights),
+    folder = classifier.save(str(where / "files"), head=head, backbone=weights.load(spec.backbone, spec.weights,
+                                                                                   size=spec.preprocess.crop),
                              provenance=prov.to_dict(), layer={"name": layer.name, "pooling": layer.pooling},
                              classes=CLASSES)
     with tempfile.TemporaryDirectory(prefix="ftl-code-") as tmp:
         mlflow.pyfunc.save_model(str(where / "model"), loader_module="ftl.model.classifier", data_path=folder,
                                  code_paths=[tracking.model_code(tmp)],
-                                 pip_requirements=tracking.requirements(*tracking.COMPOSED_REQUIREMENTS))
+                                 pip_requirements=tracking.requirements(*tracking.composed_requirements(spec.backbone)))
     common.report(model=str(where / "model"))
 
 

@@ -5,6 +5,7 @@ from ftl.tracking.models import (
                                  BACKBONE_REQUIREMENTS,
                                  COMPOSED_REQUIREMENTS,
                                  SHIPPED_CODE,
+                                 composed_requirements,
                                  load_classifier,
                                  log_composed,
                                  log_head,
@@ -39,7 +40,7 @@ from ftl.tracking.runs import (
                                  uri_of,
 )
 
-__all__ = ["BACKBONE_REQUIREMENTS", "COMPOSED_REQUIREMENTS", "DEFAULT_URI", "EXPERIMENT_KIND", "KIND_TAG", "SHIPPED_CODE", "child", "connect",
+__all__ = ["BACKBONE_REQUIREMENTS", "COMPOSED_REQUIREMENTS", "DEFAULT_URI", "composed_requirements", "EXPERIMENT_KIND", "KIND_TAG", "SHIPPED_CODE", "child", "connect",
            "feature_dataset", "find_extraction", "find_finetune", "find_probes", "find_training", "flatten",
            "load_classifier", "log_composed", "log_dataset", "log_extraction", "log_file", "log_head", "log_history",
            "log_history_batch", "log_metrics", "log_params", "log_text", "model_code", "model_folder", "requirements",
