@@ -123,11 +123,9 @@ def blocks_of(name: str) -> list[str]:
 
 def stage_layers(name: str, count: int = 5) -> list[str]:
     """Evenly spaced layers from early to penultimate, for sweeps."""
-    chosen = provider(name).feature_layers(name, model_of(name))
-    if chosen and provider(name) is torchvision_zoo:
-        return chosen
-    valid = taps(name)
-    blocks = [b for b in (chosen or blocks_of(name)) if b in valid and b != default_layer(name)]
+    if name in torchvision_zoo.STAGES:
+        return torchvision_zoo.STAGES[name]
+    blocks = [b for b in provider(name).sweep_blocks(model_of(name)) if b in taps(name)]
     # count - 1 blocks spread from early to the last one, then what the classifier reads.
     picks = [blocks[round(i * (len(blocks) - 1) / max(1, count - 2))] for i in range(count - 1)] if blocks else []
     return list(dict.fromkeys(picks + [default_layer(name)]))
@@ -166,9 +164,10 @@ def pool(x: torch.Tensor, how: str, *, prefix: int = 0) -> torch.Tensor:
         if x.ndim != 3 or (prefix < 1 and how != "patch_avg"):
             raise LayerError(f"pooling {how} needs a token layer with a class token (a ViT block); "
                              f"this layer's output is {tuple(x.shape[1:])}: use avg, max or avgmax")
+        if how == "cls":
+            return x[:, 0]
         patches = x[:, prefix:].mean(1)
-        return {"cls": lambda: x[:, 0], "patch_avg": lambda: patches,
-                "cls_patch_avg": lambda: torch.cat([x[:, 0], patches], dim=1)}[how]()
+        return patches if how == "patch_avg" else torch.cat([x[:, 0], patches], dim=1)
     if x.ndim == 3:  # transformer tokens: pool over the sequence
         x = x.transpose(1, 2)
     dims = tuple(range(2, x.ndim))

@@ -73,8 +73,9 @@ class ImageClassifier:
         model.load_state_dict(load_file(os.path.join(path, "backbone.safetensors")))
         self.layer = layer["name"]
         self.device = device
-        self.tap = backbones.tap(prov["backbone"], model.eval(), [self.layer], pooling=layer["pooling"], mean=self.preprocess.mean,
-                                 std=self.preprocess.std, channels_last=True).to(device).eval()
+        self.tap = backbones.tap(prov["backbone"], model.eval(), [self.layer], pooling=layer["pooling"],
+                                 mean=self.preprocess.mean, std=self.preprocess.std,
+                                 channels_last=True).to(device).eval()
         self.head = heads.build(self.meta["head"], load_file(os.path.join(path, "head.safetensors"))).to(device).eval()
 
     @functools.cached_property

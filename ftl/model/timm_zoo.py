@@ -35,11 +35,6 @@ def arch(name: str) -> str:
     return name.removeprefix(PREFIX)
 
 
-def names() -> list[str]:
-    """Every timm model with pretrained weights, with its tag."""
-    return [PREFIX + n for n in timm().list_models(pretrained=True)]
-
-
 def check_name(name: str) -> None:
     from timm.models import is_model, split_model_name_tag
 
@@ -70,7 +65,6 @@ def build(name: str, size: int | None = None) -> nn.Module:
     A ViT's position embedding has one entry per patch, so the model must be built for the crop
     it will see; weights made for another size are resampled as they load (`adapt`).
     """
-    check_name(name)
     cfg = config(name)
     native = cfg.input_size[-1] if cfg is not None else None
     if size and size != native:
@@ -101,9 +95,9 @@ def stage_blocks(model: nn.Module) -> list[str]:
     return [f"{parent}.{n}" for n, _ in model.get_submodule(parent).named_children()]
 
 
-def feature_layers(name: str, model: nn.Module) -> list[str]:
-    """The stages timm reports features at, then the pre-logits vector."""
-    return [f["module"] for f in getattr(model, "feature_info", [])] + [PRE_LOGITS]
+def sweep_blocks(model: nn.Module) -> list[str]:
+    """What a sweep spaces its layers over: the stages timm reports features at."""
+    return [f["module"] for f in getattr(model, "feature_info", [])]
 
 
 def preprocess_defaults(name: str, weights: str | None = None) -> dict:

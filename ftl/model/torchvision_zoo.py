@@ -76,9 +76,14 @@ def stage_blocks(model: nn.Module) -> list[str]:
     return []
 
 
-def feature_layers(name: str, model: nn.Module) -> list[str] | None:
-    """Hand-picked sweep stages, where the generic spacing of blocks is not the best choice."""
-    return STAGES.get(name)
+def sweep_blocks(model: nn.Module) -> list[str]:
+    """What a sweep spaces its layers over (unless STAGES picks them by hand): the blocks."""
+    return stage_blocks(model)
+
+
+def adapt(state: dict, model: nn.Module) -> dict:
+    """A weights file's state_dict is already in torchvision's layout."""
+    return state
 
 
 def preprocess_defaults(name: str, weights: str | None = None) -> dict:

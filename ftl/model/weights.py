@@ -153,9 +153,7 @@ def load(backbone: str, ref: WeightsRef, *, data: bytes | None = None,
         target = model.get_submodule(SHIPPED[ref.id].module)
         target.load_state_dict(by_position(state, target))
     elif ref.kind in ("file", "hub"):
-        if backbones.provider(backbone) is timm_zoo:
-            state = timm_zoo.adapt(state, model)
-        load_file_into(model, state, ref.uri)
+        load_file_into(model, backbones.provider(backbone).adapt(state, model), ref.uri)
     return model.eval().requires_grad_(False)
 
 
