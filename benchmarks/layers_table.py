@@ -3,6 +3,7 @@
 Run: .venv/bin/python benchmarks/layers_table.py (random weights; no network)
 """
 from ftl.model import backbones
+
 SET = ["timm/vit_small_patch14_dinov2.lvd142m", "timm/vit_base_patch16_clip_224.openai",
        "timm/convnextv2_atto.fcmae_ft_in1k", "timm/efficientnetv2_rw_t.ra2_in1k", "mobilenet_v2"]
 print("| backbone | input | blocks (fine-tuning) | sweep stages | pre_logits / penultimate dim | a block's output | pooled dims (avg; cls_patch_avg) |")

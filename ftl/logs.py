@@ -104,6 +104,18 @@ def quiet_ray_data() -> None:
                 handler.addFilter(_Drop())
 
 
+def quiet_worker() -> None:
+    """In a Ray Train worker: no Ray Data bars or INFO lines for the shards it reads.
+
+    Their output reaches the driver's terminal through Ray's log forwarding, where it would be
+    drawn into the middle of ftl's own progress line.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose()
+    quiet_ray_data()
+
+
 def own_process(argv: list[str]) -> None:
     """Settings for a process that started as `ftl`, made before Ray is imported."""
     if not os.environ.get("RAY_ADDRESS"):

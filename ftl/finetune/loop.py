@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ftl import logs
 from ftl.config import FinetuneConfig
 from ftl.finetune import blocks as blockmod
 from ftl.finetune import data, network
@@ -189,6 +190,7 @@ def train_loop(config: dict) -> dict | None:
     """Runs on every Ray Train worker: each candidate in turn, the best kept on val, then val and test once."""
     job: FinetuneJob = config["job"]
     cfg = job.finetune
+    logs.quiet_worker()
     s = session(job)
     initial = copy.deepcopy(s.chunked.state_dict())
     p = restore()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ftl import logs
 from ftl.config import TrainConfig
 from ftl.errors import TrainError
 from ftl.fitting import core, live
@@ -49,6 +50,7 @@ def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the history and every worker's peak memory."""
     import ray.train.torch
 
+    logs.quiet_worker()
     device = ray.train.torch.get_device()
     with memory.Peak() as peak:
         out = train_worker(config["job"], device=device)
