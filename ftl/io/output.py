@@ -64,6 +64,10 @@ def writing(out: storage.Location, *, identity: dict, key: str, storage_cfg: Sto
         writing = Writing(held, fence, tables, fenced)
         try:
             yield writing
+            # A driver frozen past its ttl may finish before its renew thread runs again: the log,
+            # not the thread, says whether a newer run fenced the tables while this one worked.
+            for t in tables.values():
+                table.check(t, retry.with_retries(t.open, attempts=retry.OUTAGE_ATTEMPTS), fence)
         except (KeyboardInterrupt, table.LeaseLost) as e:
             if not held.lost and not isinstance(e, table.LeaseLost):
                 raise

@@ -145,3 +145,25 @@ def test_an_output_of_an_older_ftl_is_converted_in_place_keeping_every_row(tmp_p
     assert main(["versions", str(old)]) == 0
     shown = capsys.readouterr().out
     assert "converted from Parquet" in shown and f"{old / 'features'}" in shown and "quarantine" in shown
+
+
+def test_a_run_whose_table_a_newer_run_fenced_never_ends_as_a_success(tmp_path):
+    """A driver frozen past its ttl can finish before its renew thread runs again: the end of the run
+    reads each table's fence from the log, and a newer epoch there makes the run a lost lease (exit 2)."""
+    from ftl.config.sections import StorageConfig
+    from ftl.io import output
+
+    out = storage.locate(str(tmp_path / "out"))
+    schemas = {"features": rows(["0" * 32]).schema}
+    kw = dict(identity={"feature_set": "fs"}, key="feature_set", storage_cfg=StorageConfig(lease_ttl=60),
+              what="extraction", mismatch=lambda a, b: AssertionError(a), schemas=schemas,
+              description={"what": "test"})
+    with output.writing(out, **kw) as held:  # an undisturbed run ends normally
+        mine = held.fence
+    with pytest.raises(lease.LeaseLost, match="lost the lease"):
+        with output.writing(out, **kw) as held:
+            assert held.fence.epoch > mine.epoch and held.held.lost is None
+            newer = table.Fence(held.fence.epoch + 1, run="newer")
+            table.fence(held.tables["features"], schema=schemas["features"], description={"what": "test"},
+                        fence=newer)
+    assert held.tables["features"].epoch() == newer.epoch
