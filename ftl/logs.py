@@ -104,15 +104,15 @@ def quiet_ray_data() -> None:
                 handler.addFilter(_Drop())
 
 
-def quiet_worker() -> None:
-    """In a Ray Train worker: no Ray Data bars or INFO lines for the shards it reads.
+def own_progress(context=None) -> None:
+    """No Ray Data bars or INFO lines for a dataset (its context), or for every dataset of a Ray Train worker.
 
-    Their output reaches the driver's terminal through Ray's log forwarding, where it would be
-    drawn into the middle of ftl's own progress line.
+    ftl's own progress line (ftl.pipeline.progress) replaces them; a worker's would also reach the
+    driver's terminal through Ray's log forwarding, drawn into the middle of that line.
     """
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = verbose()
+    (context or ray.data.DataContext.get_current()).enable_progress_bars = verbose()
     quiet_ray_data()
 
 

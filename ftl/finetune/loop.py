@@ -190,7 +190,7 @@ def train_loop(config: dict) -> dict | None:
     """Runs on every Ray Train worker: each candidate in turn, the best kept on val, then val and test once."""
     job: FinetuneJob = config["job"]
     cfg = job.finetune
-    logs.quiet_worker()
+    logs.own_progress()
     s = session(job)
     initial = copy.deepcopy(s.chunked.state_dict())
     p = restore()

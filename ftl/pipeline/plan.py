@@ -65,9 +65,7 @@ def build(images, *, actor: type, actor_kwargs: dict, pre: imaging.Preprocess, t
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         ds = readers_then_actors(images, actor=actor, actor_kwargs=actor_kwargs | {"progress": progress}, pre=pre,
                                  tuned=tuned, storage_options=storage_options)
-    # ftl's own progress line (ftl.pipeline.progress) replaces Ray Data's bar per operator.
-    ds.context.enable_progress_bars = logs.verbose()
-    logs.quiet_ray_data()
+    logs.own_progress(ds.context)
     # A copy: the options object may be shared with DataContext.get_current() and later datasets.
     options = copy.copy(ds.context.execution_options)
     options.resource_limits = ExecutionResources(object_store_memory=tuned.buffer_bytes)

@@ -50,7 +50,7 @@ def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the history and every worker's peak memory."""
     import ray.train.torch
 
-    logs.quiet_worker()
+    logs.own_progress()
     device = ray.train.torch.get_device()
     with memory.Peak() as peak:
         out = train_worker(config["job"], device=device)
