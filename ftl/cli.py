@@ -42,8 +42,26 @@ def shortcut(key: str, what: str):
 @app.command()
 def show(workflow: Workflow, set: Sets = None) -> None:
     """Print the resolved workflow (defaults filled in, secrets masked) without running it."""
-    wf = config.load_workflow(workflow, set or [], needs=())
+    wf = as_run(config.load_workflow(workflow, set or [], needs=()))
     typer.echo(config.to_yaml(wf), nl=False)
+    if wf.sweep.backbones:
+        typer.echo("# ftl sweep takes each backbone's weights from sweep.backbones; extract.weights is for the "
+                   "other commands")
+
+
+def as_run(wf: config.Workflow) -> config.Workflow:
+    """What a run will use, not what was left empty: the tracking URI from $MLFLOW_TRACKING_URI or the default
+    (a password in it is masked as any other), and DEFAULT weights as the enum or hub file they stand for."""
+    import os
+
+    from ftl.model import weights  # names the weights, fetches nothing
+    from ftl.tracking.runs import DEFAULT_URI
+
+    ext = wf.extract.model_copy(update={"weights": weights.named(wf.extract.backbone, wf.extract.weights)})
+    entries = [b.model_copy(update={"weights": weights.named(b.backbone, b.weights)}) for b in wf.sweep.backbones]
+    uri = wf.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return wf.model_copy(update={"extract": ext, "sweep": wf.sweep.model_copy(update={"backbones": entries}),
+                                 "tracking": wf.tracking.model_copy(update={"uri": uri})})
 
 
 @app.command()

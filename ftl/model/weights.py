@@ -85,6 +85,19 @@ def resolve(backbone: str, weights: str, *, storage_options: dict[str, Any] | No
     return WeightsRef("enum", str(enum), path, sha256_file(storage.locate(path)))
 
 
+def named(backbone: str, weights: str) -> str:
+    """What `weights` will load, said without fetching anything (for `ftl show`): DEFAULT as the enum or hub id."""
+    if weights != "DEFAULT":
+        return weights
+    try:
+        if backbones.provider(backbone) is timm_zoo:
+            cfg = timm_zoo.config(backbone)
+            return f"hf-hub:{cfg.hf_hub_id.split('@')[0]}" if cfg is not None and cfg.hf_hub_id else weights
+        return str(torchvision_enum(backbone, weights))
+    except Exception:  # noqa: BLE001 - an unknown backbone: the run says what is wrong, show prints what was given
+        return weights
+
+
 def torchvision_enum(backbone: str, name: str):
     options = torchvision.models.get_model_weights(backbone)
     valid = ["DEFAULT", *options.__members__, *SHIPPED, "random", "<path or s3:// URI to .pt/.pth/.safetensors>"]

@@ -31,26 +31,28 @@ PREDICTIONS = "predictions"
 
 @dataclass
 class PredictResult(plan.Tally):
-    model: str
+    model: str  # the version that ran (models:/name/3), whatever predict.model called it
     output: str
     settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
     duplicates: int = 0  # rows of a manifest naming an image already listed
     superseded: int = 0  # old predictions of images that changed since
     versions: dict = field(default_factory=dict)  # table folder → its version after this run
+    asked: str = ""  # predict.model as given, when it named an alias, `latest` or a stage
 
     def summary(self) -> str:
         v = {k: f" (version {n})" if n is not None else "" for k, n in self.versions.items()}
-        return (f"model {self.model}: {self.tally(ok_as='predicted')}\n"
+        asked = f" ({self.asked})" if self.asked and self.asked != self.model else ""
+        return (f"model {self.model}{asked}: {self.tally(ok_as='predicted')}\n"
                 + (f"changed since last run: {self.superseded} (old predictions replaced)\n" if self.superseded else "")
                 + (f"ran on {self.settings}\n" if self.settings else "")
                 + f"predictions: {self.output}/{PREDICTIONS}{v.get(PREDICTIONS, '')}"
                 + (f"\nquarantine:  {self.output}/{QUARANTINE}{v.get(QUARANTINE, '')}" if self.quarantined else ""))
 
 
-def load_model(cfg: PredictConfig, tracking_uri: str):
+def load_model(cfg: PredictConfig, tracking_uri: str, uri: str | None = None):
     """The model on the driver: it fails here, before any Ray work, and gives the preprocessing."""
     try:
-        return tracking.load_classifier(cfg.model, tracking_uri=tracking_uri)
+        return tracking.load_classifier(uri or cfg.model, tracking_uri=tracking_uri)
     except TrackingError as e:
         raise TrackingError(f"predict.model: {e}\nSet predict.model to models:/<name>/<version> of a model that "
                             f"`ftl train` registered at {tracking_uri} (tracking.uri), runs:/<run id>/model, "
@@ -73,10 +75,11 @@ def list_input(uri: str, storage_options: dict | None, *, check_only: bool = Fal
 def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = StorageConfig()) -> PredictResult:
     """Classify every listed image not yet in the output, with the model from the MLflow at `tracking_uri`."""
     started = time.perf_counter()
-    model = load_model(cfg, tracking_uri)
+    version = tracking.pinned(cfg.model, tracking_uri=tracking_uri)  # an alias that moves now changes nothing
+    model = load_model(cfg, tracking_uri, version)
     out = locate(cfg.output, storage.options)
     list_input(cfg.input, storage.options, check_only=True)  # a missing input fails before the output is touched
-    identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model}
+    identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model, "model_version": version}
     k = min(cfg.top_k, len(model.classes))
     schemas = {PREDICTIONS: output_schema(k), QUARANTINE: schema.QUARANTINE}
     with output.writing(out, identity=identity, key="model", storage_cfg=storage, what="prediction",
@@ -84,7 +87,8 @@ def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = Stora
         listed = list_input(cfg.input, storage.options)
         counts = predict_into(out, cfg, model, listed, storage_options=storage.options, fence=held.fence)
         counts["versions"] = held.versions()
-    return PredictResult(model=cfg.model, **counts, seconds=time.perf_counter() - started, output=out.uri)
+    return PredictResult(model=version, asked=cfg.model, **counts, seconds=time.perf_counter() - started,
+                         output=out.uri)
 
 
 def mismatch(existing: dict, identity: dict) -> FtlError:

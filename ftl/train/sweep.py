@@ -41,13 +41,16 @@ class SweepResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # about the splits (checks.check), also the run's ftl.warnings
+    rows: dict[str, int] = field(default_factory=dict)  # train, val and test rows of the chosen feature set
 
     def summary(self) -> str:
         lines = []
         for (backbone, weights), layers in curve(self.trials).items():
             lines.append(f"val accuracy by layer, {backbone} ({weights}): "
                          + "  ".join(f"{name} {acc:.4f}" for name, acc in layers.items()))
-        b, m = self.best, self.metrics
+        b, m, r = self.best, self.metrics, self.rows
+        if r:  # as `ftl train` says them: what the heads were fitted, chosen and tested on
+            lines.append(f"rows train {r['train']}, val {r['val']}, test {r['test']}")
         lines += [
             (f"best of {len(self.trials)} trials: {b['backbone']} ({b['weights']}) layer {b['layer']}, "
              f"lr {b['lr']}, weight decay {b['weight_decay']}: val accuracy {m['val/accuracy']:.4f}, "
@@ -118,7 +121,8 @@ def run(wf: Workflow, sets: list[FeatureSet], *, started: float) -> SweepResult:
                                trials=len(rows))
     return SweepResult(run_id=run_id, link=tracking.run_link(run_id), trials=rows, best=chosen.row, metrics=metrics,
                        model=models.image, head_model=models.head, seconds=time.perf_counter() - started,
-                       notes=models.notes, warnings=warnings)
+                       notes=models.notes, warnings=warnings,
+                       rows={s: chosen.data.rows(s) for s in features.SPLITS})
 
 
 class Chosen(NamedTuple):

@@ -72,6 +72,24 @@ def test_show_prints_resolved_workflow_with_secrets_masked(tmp_path, capsys):
     assert resolved["source"]["label_key"] == "cls"  # only credential names are masked
 
 
+def test_show_prints_the_weights_and_tracking_uri_a_run_will_use(tmp_path, capsys, monkeypatch):
+    """DEFAULT and an empty tracking.uri are shown as what they stand for, and the output runs as it reads."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ml:hunter2@mlflow.example:5000")
+    path = write_workflow(tmp_path / "wf.yaml", **BASE, sweep={"backbones": [
+        {"backbone": "mobilenet_v2", "weights": "DEFAULT"}, {"backbone": "resnet50", "weights": "IMAGENET1K_V1"}]})
+    assert main(["show", str(path), "--set", "extract.weights=DEFAULT"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
+    assert resolved["tracking"]["uri"] == "https://ml:***@mlflow.example:5000" and "hunter2" not in out
+    assert resolved["extract"]["weights"] == "MobileNet_V2_Weights.IMAGENET1K_V2"
+    assert [b["weights"] for b in resolved["sweep"]["backbones"]] == ["MobileNet_V2_Weights.IMAGENET1K_V2",
+                                                                       "IMAGENET1K_V1"]
+    assert "extract.weights is for the other commands" in out
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(out)
+    assert main(["show", str(shown)]) == 0 and yaml.safe_load(capsys.readouterr().out) == resolved
+
+
 def test_cli_reports_config_errors_with_exit_code(tmp_path, capsys):
     path = write_workflow(tmp_path / "wf.yaml", **BASE, extrakt={})
     assert main(["show", str(path)]) == 2

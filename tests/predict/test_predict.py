@@ -189,3 +189,27 @@ def test_an_output_written_by_one_model_refuses_another_naming_both(tmp_path, fm
     err = capsys.readouterr().err
     assert "already holds predictions of another model" in err and registered_model in err and str(other) in err
     assert len(predictions(out)) == 2  # untouched
+
+
+def test_an_alias_runs_the_version_it_names_and_the_summary_and_output_say_which(tmp_path, fmnist,
+                                                                                   registered_model, capsys):
+    """`models:/name@alias` is pinned to its version before loading: moving the alias later changes nothing."""
+    import json
+
+    import mlflow
+
+    name, version = registered_model.removeprefix("models:/").split("/")
+    mlflow.MlflowClient().set_registered_model_alias(name, "predict-test", version)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted((fmnist / "test" / "coat").glob("*.png"))[:3]:
+        shutil.copy(p, inputs / p.name)
+    out = tmp_path / "o"
+    asked = f"models:/{name}@predict-test"
+    assert main(["predict", "--model", asked, "--input", str(inputs), "--output", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert f"model models:/{name}/{version} ({asked}): listed 3 = 0 already done + 3 predicted" in summary
+    assert "quarantine:" not in summary  # nothing was quarantined, so no path to a folder that does not exist
+    identity = json.loads((out / "_ftl.json").read_text())
+    assert identity["model_uri"] == asked and identity["model_version"] == f"models:/{name}/{version}"
+    assert len(predictions(out)) == 3

