@@ -39,6 +39,7 @@ class ExtractResult(Tally):
     gone: int = 0  # rows of images no longer in the source (kept, not deleted)
     settings: str = ""  # the hardware-dependent choices of this run (ftl.pipeline.tuning)
     versions: dict = field(default_factory=dict)  # table folder → its version after this run
+    ended: float = field(default_factory=time.time)  # wall clock at the end: the MLflow run spans ended - seconds
 
     def summary(self) -> str:
         lines = [self.tally(ok_as="extracted")]

@@ -61,6 +61,10 @@ def test_run_tracks_registers_and_serves(tmp_path, fmnist, fmnist_features, mlfl
     ext, run = runs["extract"], runs["train"]
     assert ext.data.metrics["listed"] == 360 and ext.data.metrics["quarantined"] == 0
     assert ext.data.metrics["images_per_second"] >= 0 and ext.data.params["output"] == str(fmnist_features)
+    # The extraction run spans the extraction (logged after it, timed as it ran), and ends before training starts.
+    span = (ext.info.end_time - ext.info.start_time) / 1000
+    assert abs(span - ext.data.metrics["seconds"]) < 0.01 and ext.data.metrics["seconds"] > 0, (span, ext.data.metrics)
+    assert ext.info.status == "FINISHED" and ext.info.end_time <= run.info.start_time
 
     # Params: the flattened workflow plus what identifies the features.
     p = run.data.params
