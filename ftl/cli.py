@@ -57,11 +57,14 @@ def as_run(wf: config.Workflow) -> config.Workflow:
     from ftl.model import weights  # names the weights, fetches nothing
     from ftl.tracking.runs import DEFAULT_URI
 
-    ext = wf.extract.model_copy(update={"weights": weights.named(wf.extract.backbone, wf.extract.weights)})
     entries = [b.model_copy(update={"weights": weights.named(b.backbone, b.weights)}) for b in wf.sweep.backbones]
     uri = wf.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    return wf.model_copy(update={"extract": ext, "sweep": wf.sweep.model_copy(update={"backbones": entries}),
-                                 "tracking": wf.tracking.model_copy(update={"uri": uri})})
+    update = {"sweep": wf.sweep.model_copy(update={"backbones": entries}),
+              "tracking": wf.tracking.model_copy(update={"uri": uri})}
+    if wf.extract is not None:  # a predict-only workflow has none
+        update["extract"] = wf.extract.model_copy(
+            update={"weights": weights.named(wf.extract.backbone, wf.extract.weights)})
+    return wf.model_copy(update=update)
 
 
 @app.command()

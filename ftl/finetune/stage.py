@@ -50,6 +50,7 @@ class FinetuneResult:
     checkpoint: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # candidates whose best epoch was 0: the probe's val, not theirs
 
     def summary(self) -> str:
         m, p = self.metrics, self.probe_metrics
@@ -57,7 +58,9 @@ class FinetuneResult:
         lines = [(f"fine-tuned blocks {self.tuned} from probe {self.probe}: rows train {r['train']}, val {r['val']}, "
                   f"test {r['test']}, in {self.seconds:.1f}s (best epoch {self.best_epoch})")]
         if len(self.candidates) > 1:
-            lines.append("auto: val accuracy " + "  ".join(f"{k} {v:.4f}" for k, v in self.candidates.items()))
+            lines.append("auto: val accuracy " + "  ".join(
+                f"{k} {v:.4f}" + (" (the probe's: no epoch beat it)" if k in self.unchanged else "")
+                for k, v in self.candidates.items()))
         lines += [f"{'':<16}{'probe':>8}{'fine-tuned':>12}"]
         lines += [f"{k:<16}{p[k]:>8.4f}{m[k]:>12.4f}" for k in ("val/accuracy", "test/accuracy", "test/macro_f1",
                                                                   "test/log_loss")]
@@ -119,9 +122,16 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
         log_history(tuned, probe_metrics=probe_metrics, order=plan.order)
         metrics = register.log_evaluation(torch.nn.Identity(), data=evaluated(tuned, probe, plan))
         tuned_blocks = blocks.describe(tuned.candidates[tuned.chosen]["blocks"], plan.order)
-        model, promoted = register_model(tuned, probe, registered=registered, tags={
-            **lineage, "ftl.finetune_run": run_id, "ftl.tuned_blocks": tuned_blocks, "ftl.probe_model": probe.model,
-            "ftl.freeze_bn": wf.finetune.freeze_bn, "ftl.augment": wf.finetune.augment})
+        if tuned.candidates[tuned.chosen]["epoch"] == 0:
+            # Epoch 0 is the probe before any step: "fine-tuned", it would be the probe again under a new version,
+            # and maybe the champion. The probe stays the model; the run keeps what each candidate reached.
+            model, promoted = probe.model, (f"kept the probe {probe.model}: no epoch of fine-tuning beat it on val "
+                                            f"loss (best epoch 0), so nothing new was registered")
+        else:
+            model, promoted = register_model(tuned, probe, registered=registered, tags={
+                **lineage, "ftl.finetune_run": run_id, "ftl.tuned_blocks": tuned_blocks,
+                "ftl.probe_model": probe.model, "ftl.freeze_bn": wf.finetune.freeze_bn,
+                "ftl.augment": wf.finetune.augment})
         tracking.set_tags({"ftl.model": model, "ftl.image_model": model, "ftl.tuned_blocks": tuned_blocks,
                            "ftl.checkpoint": tuned.checkpoint})
     notes = [promoted] + ([f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else [])
@@ -129,7 +139,8 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
     notes += [f"unreadable images skipped: {tuned.unreadable}"] if tuned.unreadable else []
     return FinetuneResult(
         run_id=run_id, link=tracking.run_link(run_id), probe=probe.model, tuned=tuned_blocks,
-        candidates={blocks.describe(c["blocks"], plan.order): c["val_accuracy"] for c in tuned.candidates}, rows=rows,
+        candidates={blocks.describe(c["blocks"], plan.order): c["val_accuracy"] for c in tuned.candidates},
+        unchanged=[blocks.describe(c["blocks"], plan.order) for c in tuned.candidates if c["epoch"] == 0], rows=rows,
         metrics=metrics, probe_metrics=probe_metrics, best_epoch=tuned.candidates[tuned.chosen]["epoch"], model=model,
         checkpoint=tuned.checkpoint, seconds=time.perf_counter() - started, notes=notes)
 

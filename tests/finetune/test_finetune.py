@@ -192,7 +192,33 @@ def test_auto_keeps_the_best_range_on_val(tmp_path, small, mlflow_server, capsys
                                                                         -children[best]["val/loss"]):
             best = b
     assert parent.data.tags["ftl.tuned_blocks"] == best, children
-    assert client.get_model_version("ft-auto", "2").tags["ftl.tuned_blocks"] == best
+    if parent.data.metrics["best_epoch"] > 0:
+        assert client.get_model_version("ft-auto", "2").tags["ftl.tuned_blocks"] == best
+    else:  # no candidate beat the probe: nothing new registered (the next test forces this case)
+        assert [v.version for v in client.search_model_versions("name='ft-auto'")] == ["1"]
+
+
+def test_a_run_whose_best_epoch_is_the_probe_registers_nothing_and_says_so(tmp_path, small, mlflow_server, capsys):
+    """An lr that wrecks the blocks at the first step: epoch 0 (the probe) stays best, and stays the model."""
+    from mlflow import MlflowClient
+
+    wf = workflow(tmp_path, small[0], out=small[1], name="epoch0", blocks="features.18:", epochs=1, lr=10.0,
+                  backbone_lr=10.0, cache_prefix=True, augment=False)
+    assert main(["finetune", str(wf)]) == 0
+    out = capsys.readouterr().out
+    assert ("kept the probe models:/ft-epoch0/1: no epoch of fine-tuning beat it on val loss (best epoch 0), so "
+            "nothing new was registered") in out, out[-2000:]
+    assert "image model: models:/ft-epoch0/1" in out and "(best epoch 0)" in out
+    client = MlflowClient(mlflow_server)
+    assert [v.version for v in client.search_model_versions("name='ft-epoch0'")] == ["1"]
+    [run] = client.search_runs([client.get_experiment_by_name("epoch0").experiment_id],
+                               "tags.`ftl.stage` = 'finetune'")
+    assert run.info.status == "FINISHED" and run.data.metrics["best_epoch"] == 0
+    assert run.data.tags["ftl.image_model"] == "models:/ft-epoch0/1"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2  # epoch 0 and the one that lost
+    assert main(["finetune", str(wf)]) == 0  # finished: a rerun does nothing and names the same model
+    again = capsys.readouterr().out
+    assert "already fine-tuned" in again and "image model: models:/ft-epoch0/1" in again
 
 
 @pytest.mark.parametrize("override, message", [

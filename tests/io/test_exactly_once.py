@@ -138,8 +138,9 @@ def test_a_writer_stalled_between_its_check_and_its_commit_commits_nothing_after
     finally:
         os.kill(first.pid, signal.SIGCONT)
     code = first.wait(timeout=120)
-    err = first.communicate()[1]
-    assert code == 2 and "lost the lease" in err and "Traceback" not in err, err
+    out_text, err = first.communicate()
+    # Both streams on failure: a run that ended otherwise says on stdout what it believed it committed.
+    assert code == 2 and "lost the lease" in err and "Traceback" not in err, (code, out_text, err)
     features = table.Table.at(storage.locate(out).join("features"))
     first_epoch = features.epoch() - 1  # the second run fenced the table with the next epoch
     assert table.committed_by(features, first_epoch) == 0

@@ -24,7 +24,9 @@ def test_registered_pair_is_champion_and_predict_takes_it(tmp_path, fmnist, regi
     out = tmp_path / "pred"
     assert main(["predict", "--model", f"models:/{name}@champion", "--input", str(fmnist / "test"),
                  "--output", str(out)]) == 0
-    assert f"model models:/{name}@champion: listed 100 = 0 already done + 100 predicted" in capsys.readouterr().out
+    # The alias is pinned to the version it names, and the summary names both.
+    assert (f"model models:/{name}/{version} (models:/{name}@champion): listed 100 = 0 already done + 100 predicted"
+            in capsys.readouterr().out)
     assert len(tables.frame(out / "predictions")) == 100
 
 
