@@ -25,6 +25,7 @@ from ftl.pipeline.progress import Progress
 from ftl.pipeline.runtime import ensure_ray
 from ftl.predict.predictor import Predictor, output_schema
 from ftl.sources import listing
+from ftl.tracking import champion
 
 PREDICTIONS = "predictions"
 
@@ -49,10 +50,18 @@ class PredictResult(plan.Tally):
                 + (f"\nquarantine:  {self.output}/{QUARANTINE}{v.get(QUARANTINE, '')}" if self.quarantined else ""))
 
 
-def load_model(cfg: PredictConfig, tracking_uri: str, uri: str | None = None):
-    """The model on the driver: it fails here, before any Ray work, and gives the preprocessing."""
+def load_model(cfg: PredictConfig, tracking_uri: str):
+    """The model on the driver, and the version it is: it fails here, before any Ray work, and gives the preprocessing.
+
+    An alias, `latest` or a stage is pinned first, so what runs is the version the summary names even if
+    the alias moves meanwhile.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)  # where the alias is looked up, as the loader looks it up
     try:
-        return tracking.load_classifier(uri or cfg.model, tracking_uri=tracking_uri)
+        version = champion.pin(cfg.model)
+        return version, tracking.load_classifier(version, tracking_uri=tracking_uri)
     except TrackingError as e:
         raise TrackingError(f"predict.model: {e}\nSet predict.model to models:/<name>/<version> of a model that "
                             f"`ftl train` registered at {tracking_uri} (tracking.uri), runs:/<run id>/model, "
@@ -75,8 +84,7 @@ def list_input(uri: str, storage_options: dict | None, *, check_only: bool = Fal
 def run(cfg: PredictConfig, *, tracking_uri: str, storage: StorageConfig = StorageConfig()) -> PredictResult:
     """Classify every listed image not yet in the output, with the model from the MLflow at `tracking_uri`."""
     started = time.perf_counter()
-    version = tracking.pinned(cfg.model, tracking_uri=tracking_uri)  # an alias that moves now changes nothing
-    model = load_model(cfg, tracking_uri, version)
+    version, model = load_model(cfg, tracking_uri)
     out = locate(cfg.output, storage.options)
     list_input(cfg.input, storage.options, check_only=True)  # a missing input fails before the output is touched
     identity = {"kind": "predictions", "model": model.identity, "model_uri": cfg.model, "model_version": version}

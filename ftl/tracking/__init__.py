@@ -11,7 +11,6 @@ from ftl.tracking.models import (
                                  log_head,
                                  model_code,
                                  model_folder,
-                                 pinned,
                                  requirements,
                                  tag_version,
 )
@@ -44,5 +43,5 @@ from ftl.tracking.runs import (
 __all__ = ["BACKBONE_REQUIREMENTS", "COMPOSED_REQUIREMENTS", "DEFAULT_URI", "composed_requirements", "EXPERIMENT_KIND", "KIND_TAG", "SHIPPED_CODE", "child", "connect",
            "feature_dataset", "find_extraction", "find_finetune", "find_probes", "find_training", "flatten",
            "load_classifier", "log_composed", "log_dataset", "log_extraction", "log_file", "log_head", "log_history",
-           "log_history_batch", "log_metrics", "log_params", "log_text", "model_code", "model_folder", "pinned", "requirements",
+           "log_history_batch", "log_metrics", "log_params", "log_text", "model_code", "model_folder", "requirements",
            "resume", "run_link", "set_tags", "setup", "start", "tag_version", "temp_dir", "unreachable", "uri_of"]

@@ -61,19 +61,22 @@ def active_metric(key: str) -> float | None:
 
 
 def pin(uri: str) -> str:
-    """models:/name@alias as the version it points at now; anything else as it is.
+    """models:/name@alias, /latest or /<stage> as the version it points at now; anything else as it is.
 
-    What ftl records (tags, keys of finished work) names a fixed version, so a later move of the
-    alias cannot change what an earlier run meant.
+    What ftl records (tags, keys of finished work, a prediction's model) names a fixed version, so a
+    later move of the alias cannot change what an earlier run meant, nor what a running one loads.
     """
     from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     m = REF.match(uri)
-    if not m or not m["alias"]:
+    if not m or (m["version"] or "").isdigit():
         return uri
+    named = f"models:/{m['name']}@{m['alias']}" if m["alias"] else f"models:/{m['name']}/{m['version']}"
     try:
-        version = MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version
+        # MLflow's own resolution, as its loader does it: an alias, `latest`, or a stage's latest version.
+        version = get_model_name_and_version(MlflowClient(), named)[1]
     except Exception as e:
-        raise TrackingError(f"cannot resolve {uri}: {e}; give models:/<name>/<version>, or models:/<name>@{ALIAS} "
-                            f"of a model ftl registered") from e
+        raise TrackingError(f"cannot resolve {uri}: {e}; give models:/<name>/<version>, /latest, or "
+                            f"models:/<name>@{ALIAS} of a model ftl registered") from e
     return f"models:/{m['name']}/{version}{m['rest'] or ''}"

@@ -124,27 +124,6 @@ def tag_version(name: str, version: str, tags: dict) -> None:
         client.set_model_version_tag(name, str(version), k, str(v))
 
 
-def pinned(model_uri: str, *, tracking_uri: str | None = None) -> str:
-    """`models:/name@alias`, `models:/name/latest` or a stage, as the version it names now: `models:/name/3`.
-
-    What runs is then the version the summary names, even if the alias moves meanwhile. Other URIs
-    (a fixed version, runs:/, a folder) come back unchanged, as does one the registry cannot resolve:
-    loading it then fails with MLflow's reason.
-    """
-    import mlflow
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    if not model_uri.startswith("models:/"):
-        return model_uri
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        name_version = get_model_name_and_version(mlflow.MlflowClient(), model_uri)
-    except Exception:  # noqa: BLE001 - the load that follows says what is wrong
-        return model_uri
-    return f"models:/{name_version[0]}/{name_version[1]}" if len(name_version) == 2 else model_uri
-
-
 def load_classifier(model_uri: str, *, tracking_uri: str | None = None):
     """The composed model's ImageClassifier, from models:/name/version, runs:/ or a path."""
     import mlflow.pyfunc

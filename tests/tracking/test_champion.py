@@ -52,6 +52,7 @@ def test_a_version_takes_the_alias_only_with_a_score_at_least_the_champions(regi
     assert client.get_model_version_by_alias(name, "champion").version == better
     assert champion.pin(f"models:/{name}@champion/MLmodel") == f"models:/{name}/{better}/MLmodel"
     assert champion.pin(f"models:/{name}/2") == f"models:/{name}/2"
+    assert champion.pin(f"models:/{name}/latest") == f"models:/{name}/{max(int(first), int(worse), int(better))}"
     assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.run_id == \
         client.get_model_version(name, better).run_id
     with pytest.raises(TrackingError, match="cannot resolve models:/no-such-model@champion"):
