@@ -61,7 +61,7 @@ def load_model(cfg: PredictConfig, tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)  # where the alias is looked up, as the loader looks it up
     try:
         version = champion.pin(cfg.model)
-        return version, tracking.load_classifier(version, tracking_uri=tracking_uri)
+        return version, tracking.load_classifier(version)  # the tracking URI is set above
     except TrackingError as e:
         raise TrackingError(f"predict.model: {e}\nSet predict.model to models:/<name>/<version> of a model that "
                             f"`ftl train` registered at {tracking_uri} (tracking.uri), runs:/<run id>/model, "
