@@ -1,4 +1,5 @@
-"""Fitting a head with Ray Train: TorchTrainer workers read their shard through Ray Data.
+"""Fitting a head: in one Ray task when one worker holds it (ftl.train.solo), else TorchTrainer workers
+reading their shards through Ray Data.
 
 Each worker holds its shard in memory when it fits (features are small next to images), so
 an epoch costs a pass over a tensor, not a pass through the Ray Data pipeline. When it does
@@ -9,6 +10,7 @@ worker, so all of them take the same early-stopping decision.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -23,7 +25,7 @@ from ftl.errors import TrainError
 from ftl.fitting import core, live
 from ftl.fitting.workers import all_reduce, run_config, torch_config, use_gpu
 from ftl.model import heads
-from ftl.train import memory, shards
+from ftl.train import memory, shards, solo
 from ftl.train.job import HeadJob
 
 LBFGS_ITERS = 20  # L-BFGS iterations per reported "epoch"
@@ -48,31 +50,42 @@ class Fit:
 
 def train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker; rank 0 returns the history and every worker's peak memory."""
+    import ray.train
     import ray.train.torch
 
     logs.own_progress()
     device = ray.train.torch.get_device()
+    rank, world = ray.train.get_context().get_world_rank(), ray_world()
     with memory.Peak() as peak:
-        out = train_worker(config["job"], device=device)
+        out = train_worker(config["job"], device=device, rank=rank, world=world,
+                           load=lambda split, rows: shards.shard_tensors(split, device, rows=rows))
+    # Ray Train keeps the head as the run's checkpoint: rank 0 writes it, every worker reports.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(out.pop("state"), os.path.join(tmp, "head.pt"))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(out["best"], checkpoint=checkpoint)
+    out.pop("state", None)
     # The largest peak of any worker; the private one is what memory.need estimates.
     peaks = all_reduce(torch.tensor([peak.rss, peak.private], device=device), "max").tolist()
     return {**out, "peak_rss": peaks[0], "peak_private": peaks[1]}
 
 
-def train_worker(job: HeadJob, *, device: torch.device) -> dict:
-    """One worker's fit: read the rows, fit the head (each weight decay), report the kept one."""
-    import ray.train
+def train_worker(job: HeadJob, *, device: torch.device, rank: int, world: int, load) -> dict:
+    """One worker's fit: read the rows (`load(split, rows)` → tensors), fit the head for each weight decay.
 
+    Returns the kept head's history, metrics and state, and the sweep over weight decays.
+    """
     cfg = job.train
-    rank, world = ray.train.get_context().get_world_rank(), ray_world()
     per_worker = max(1, cfg.batch_size // world)
     torch.manual_seed(cfg.seed)
-    xv, yv = shards.shard_tensors("val", device, rows=job.rows["val"])
+    xv, yv = load("val", job.rows["val"])
     if job.stream:
         x = y = None
         rows = job.rows["train"] // world  # the equal split's size
     else:
-        x, y = shards.shard_tensors("train", device, rows=-(-job.rows["train"] // world))
+        x, y = load("train", -(-job.rows["train"] // world))
         # Equal steps on every worker, or DDP would wait forever on the one with fewer.
         rows = int(all_reduce(torch.tensor(len(y), device=device), "min").item())
         x, y = x[:rows], y[:rows]
@@ -87,35 +100,33 @@ def train_worker(job: HeadJob, *, device: torch.device) -> dict:
         head = heads.build(job.head, job.initial).to(device)
         if cfg.optimizer == "lbfgs":
             history, best_state = fit_lbfgs(cfg, head, x, y, xv, yv, weight=weight, wd=wd, iters=job.lbfgs_iters,
-                                            on_epoch=on_epoch)
+                                            world=world, on_epoch=on_epoch)
         else:
             g = torch.Generator().manual_seed(cfg.seed + rank)
             batches = (shards.streamed(device, batch_size=per_worker, seed=cfg.seed + rank) if job.stream
                        else shards.in_memory(x, y, batch_size=per_worker, generator=g))
             history, best_state = fit_adamw(cfg, head, batches, xv, yv, rows=rows, weight=weight, wd=wd,
-                                            on_epoch=on_epoch)
+                                            world=world, on_epoch=on_epoch)
         best = min(history, key=lambda h: h["val_loss"])
         results.append({"weight_decay": wd, "history": history, "best": best, "state": best_state})
     # The sweep keeps the best val accuracy; early stopping within a fit follows val loss.
     chosen = max(results, key=lambda r: (r["best"]["val_accuracy"], -r["best"]["val_loss"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            torch.save(chosen["state"], os.path.join(tmp, "head.pt"))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**chosen["best"], "weight_decay": chosen["weight_decay"]}, checkpoint=checkpoint)
     return {
         "history": chosen["history"], "best": {**chosen["best"], "weight_decay": chosen["weight_decay"]},
         "sweep": [{"weight_decay": r["weight_decay"], **r["best"]} for r in results], "device": str(device),
+        "state": chosen["state"],
     }
 
 
-def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int, weight, wd: float, on_epoch=None):
+def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int, weight, wd: float, world: int = 1,
+              on_epoch=None):
     """Minibatch AdamW over `batches(epoch)`, cosine schedule, early stopping on val loss; DDP across workers."""
-    import ray.train.torch
+    if world > 1:
+        import ray.train.torch
 
-    world = ray_world()
-    model = ray.train.torch.prepare_model(head) if world > 1 else head
+        model = ray.train.torch.prepare_model(head)
+    else:
+        model = head
     opt = torch.optim.AdamW(core.param_groups(head, lr=cfg.lr, weight_decay=wd))
     sched = core.cosine(opt, epochs=cfg.epochs, rows=rows, batch_size=max(1, cfg.batch_size // world))
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
@@ -141,11 +152,10 @@ def fit_adamw(cfg: TrainConfig, head: heads.Head, batches, xv, yv, *, rows: int,
 
 
 def fit_lbfgs(cfg: TrainConfig, head: heads.Head, x, y, xv, yv, *, weight, wd: float, iters: int = LBFGS_ITERS,
-              on_epoch=None):
+              world: int = 1, on_epoch=None):
     """Full-batch L-BFGS on the L2-regularised cross-entropy (the linear-probe protocol)."""
     # Loss and gradients are summed over all workers by hand (not DDP), so every worker
     # takes the same line-search steps and the parameters stay identical.
-    world = ray_world()
     opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=iters, history_size=memory.LBFGS_HISTORY,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     denom = float(weight[y].sum().item()) if weight is not None else float(len(y))
@@ -199,14 +209,11 @@ def ray_world() -> int:
 
 def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, run_name: str,
         storage_options: dict | None = None, stream: bool | None = None, lbfgs_iters: int = LBFGS_ITERS) -> Fit:
-    """Fit one head (or a weight-decay sweep) with TorchTrainer; the kept head comes from its checkpoint.
+    """Fit one head (or a weight-decay sweep): in one Ray task when one worker holds it, else with TorchTrainer.
 
     For benchmarks: `stream=True` streams train even when it would fit held (else the memory a
     worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     started = time.perf_counter()
     hidden = cfg.hidden if cfg.head == "mlp" else []
     rows = {s: len(y[s]) for s in ("train", "val")}
@@ -220,36 +227,53 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     initial = heads.Head(dim, classes, hidden=hidden, mean=mean, std=std).state_dict()
     weights = heads.class_weights(y["train"], classes, cfg.class_weights)
     gpu = use_gpu(cfg.use_gpu)
+    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.fitting.live)
+    job = HeadJob(train=cfg, head=head_config, initial=initial,
+                  class_weights=None if weights is None else weights.tolist(), stream=stream, rows=rows,
+                  lbfgs_iters=lbfgs_iters, progress=shown.handle)
+    try:
+        with shown:
+            if not stream and cfg.workers == 1:  # held by one worker: no worker group to start (ftl.train.solo)
+                out = solo.run(job, x, y, gpu=gpu, retries=MAX_FAILURES)
+                blob = out.pop("state")
+                checkpoint = solo.save(blob, storage_path=storage_path, run_name=run_name,
+                                       storage_options=storage_options)
+                state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            else:
+                out, checkpoint, state = group(job, x, y, gpu=gpu, storage_path=storage_path, run_name=run_name,
+                                               storage_options=storage_options)
+    except Exception as e:  # Ray's error wraps the worker's traceback, which it has already logged
+        raise TrainError(f"fitting the head failed after {MAX_FAILURES} restarts of its workers: "
+                         f"{str(e).splitlines()[0][:300]}\nThe features are unchanged: rerun the same command "
+                         f"to fit again.") from e
+    head = heads.build(head_config, state).eval()
+    return Fit(head=head, history=out["history"], best=out["best"], sweep=out["sweep"], checkpoint=checkpoint,
+               workers=cfg.workers, device=out["device"], seconds=time.perf_counter() - started, streamed=stream,
+               peak_rss=out["peak_rss"], peak_private=out["peak_private"],
+               estimate=need.streamed if stream else need.held)
+
+
+def group(job: HeadJob, x: dict, y: dict, *, gpu: bool, storage_path: str, run_name: str,
+          storage_options: dict | None) -> tuple[dict, str, dict]:
+    """The fit on a TorchTrainer worker group reading its shards through Ray Data; the head from its checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = job.train
     # A head fits in seconds and, seeded, comes out the same: a restarted worker group fits it
     # again from the start. Only the kept head is checkpointed, at the end.
     loc, run = run_config(name=run_name, storage_path=storage_path, storage_options=storage_options,
                           max_failures=MAX_FAILURES)
-    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.fitting.live)
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": HeadJob(
-            train=cfg, head=head_config, initial=initial, class_weights=None if weights is None else weights.tolist(),
-            stream=stream, rows=rows, lbfgs_iters=lbfgs_iters, progress=shown.handle)},
+        train_loop, train_loop_config={"job": job},
         torch_config=torch_config(gpu), scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu),
         run_config=run,
         datasets={"train": shards.to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2),
-                                      seed=cfg.seed if stream else None),
+                                      seed=cfg.seed if job.stream else None),
                   "val": shards.to_dataset(x["val"], y["val"], blocks=1)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    try:
-        with shown:
-            result = trainer.fit()
-    except Exception as e:  # Ray Train's error wraps the worker's traceback, which it has already logged
-        raise TrainError(f"fitting the head failed after {MAX_FAILURES} restarts of its workers: "
-                         f"{str(e).splitlines()[0][:300]}\nThe features are unchanged: rerun the same command "
-                         f"to fit again.") from e
-    out = result.return_value
+    result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "head.pt"), map_location="cpu", weights_only=True)
-    head = heads.build(head_config, state).eval()
-    return Fit(head=head, history=out["history"], best=out["best"], sweep=out["sweep"],
-               checkpoint=loc.to_uri(result.checkpoint.path), workers=cfg.workers, device=out["device"],
-               seconds=time.perf_counter() - started, streamed=stream, peak_rss=out["peak_rss"],
-               peak_private=out["peak_private"], estimate=need.streamed if stream else need.held)
-
+    return result.return_value, loc.to_uri(result.checkpoint.path), state

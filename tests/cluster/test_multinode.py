@@ -175,11 +175,12 @@ def test_run_trains_and_predict_serves_on_worker_nodes(cluster, images, run_job,
 
     version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version("nodes", "1")
     assert version.tags["ftl.weights_sha256"] == sha
-    # The Ray Train worker ran on a worker node (the head takes no tasks) and got only features: its
-    # checkpoint went to object storage, where the driver read it back.
+    # The head, small enough for one worker, was fitted by one task (no worker group) on a worker node
+    # (the head node takes no tasks) that got only features: its checkpoint went to object storage.
     workers = {cluster.node_of("decode"), cluster.node_of("backbone")}
-    train = cluster.actors("RayTrainWorker")
-    assert train and {a["node_id"] for a in train} <= workers, [a["class_name"] for a in cluster.actors("")]
+    fitted = cluster.tasks("ftl-fit-head")
+    assert fitted and {t["node_id"] for t in fitted} <= workers, fitted
+    assert not cluster.actors("RayTrainWorker")
     assert s3fs.S3FileSystem().find(f"{OUT.removeprefix('s3://')}/run/checkpoints")
     # The driver fetched the registered model from MLflow; the predict actor on the backbone node got its
     # bytes through the object store (it has no MLflow credentials and cannot see the driver's disk).

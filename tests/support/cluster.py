@@ -263,6 +263,13 @@ class Cluster:
         assert status == 200, body
         return [a for a in json.loads(body)["data"]["result"]["result"] if class_part in a["class_name"]]
 
+    def tasks(self, name: str) -> list[dict]:
+        """The attempts of the tasks named `name` this cluster ran, each with its node."""
+        status, body = self.head.api(f"/api/v0/tasks?limit=10000&detail=true&filter_keys=name&filter_predicates=%3D"
+                                     f"&filter_values={name}")
+        assert status == 200, body
+        return json.loads(body)["data"]["result"]["result"]
+
 
 def job_dir(root: Path, **workflows: dict) -> Path:
     """A folder to ship with `ray job submit --working-dir`, holding workflows/<name>.yaml."""
