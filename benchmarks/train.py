@@ -58,9 +58,10 @@ def sklearn_probe(data: features.FeatureData) -> tuple[float, float, float]:
     return seconds, best[2].score(xs["test"], data.y["test"]), best[1]
 
 
-def ftl_head(data: features.FeatureData, cfg: TrainConfig, storage: str) -> tuple[float, float, dict]:
+def ftl_head(data: features.FeatureData, cfg: TrainConfig, storage: str, *, group: bool = False
+             ) -> tuple[float, float, dict]:
     fitted = fit.fit(cfg, data.x, data.y, classes=len(data.classes), storage_path=storage,
-                     run_name=f"{cfg.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}")
+                     run_name=f"{cfg.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}", worker_group=group)
     test = evaluate.outcome(fitted.head, data.x["test"], data.y["test"])
     return fitted.seconds, evaluate.metrics(test)["accuracy"], fitted.best
 
@@ -83,6 +84,10 @@ def main() -> None:
     secs, acc, best = ftl_head(data, TrainConfig(optimizer="lbfgs", weight_decay=grid, epochs=50, patience=5,
                                                  workers=args.workers), storage)
     rows.append(("ftl linear, L-BFGS, weight decay tuned", secs, acc, f"C={1 / (best['weight_decay'] * n):.3g}"))
+    if args.workers == 1:  # what the one task saves: the same fit on a TorchTrainer worker group
+        secs, acc, best = ftl_head(data, TrainConfig(optimizer="lbfgs", weight_decay=grid, epochs=50, patience=5),
+                                   storage, group=True)
+        rows.append(("  the same on a Ray Train worker group", secs, acc, f"C={1 / (best['weight_decay'] * n):.3g}"))
     secs, acc, best = ftl_head(data, TrainConfig(optimizer="adamw", weight_decay=1e-4, epochs=100, patience=10,
                                                  batch_size=256, lr=1e-3, workers=args.workers), storage)
     rows.append(("ftl linear, AdamW + cosine, early stopping", secs, acc, f"best epoch {best['epoch']}"))

@@ -29,6 +29,7 @@ class Probe:
     data: features.FeatureData  # its features, for its metrics on the same splits
     sweep_layer: str | None  # the layer a sweep of these features chose, if one did
     fitted_now: bool = False
+    why: str = ""  # which probe this is, and why it was chosen (the summary says it)
 
     @property
     def layer(self) -> str:
@@ -52,15 +53,37 @@ def feature_set(uri: str, storage_options: dict | None) -> str:
     return features.provenance(features.open_table(uri, storage_options)[1]).feature_set
 
 
-def registered(wf: Workflow, uri: str) -> tuple[str | None, str | None]:
-    """The probe's model URI (finetune.probe, else the best linear head registered for these features), or None;
-    and the layer a sweep of these features chose, if one did."""
+def registered(wf: Workflow, uri: str) -> tuple[str | None, str | None, str]:
+    """The probe's model URI, or None; the layer a sweep of these features chose, if one did; why this probe.
+
+    finetune.probe when set; else the champion of the workflow's registered model when it is a linear
+    head on these features (whichever command made it); else the best linear head on val registered
+    for them.
+    """
     found = tracking.find_probes(feature_set(uri, wf.storage.options))
     sweep_layer = next((p["layer"] for p in found if p["stage"] == "sweep"), None)
     if wf.finetune.probe:  # models:/name@champion as the version it is now: the run's key and tags stay true
-        return champion.pin(wf.finetune.probe), sweep_layer
+        pinned = champion.pin(wf.finetune.probe)
+        return pinned, sweep_layer, f"started from {pinned}: finetune.probe names it ({wf.finetune.probe})"
     linear = [p for p in found if p["head"] == "linear"]
-    return (linear[0]["model"] if linear else None), sweep_layer
+    name = wf.tracking.registered_model or wf.name
+    held = champion.holder(name)
+    if held is not None:
+        model = f"models:/{name}/{held.version}"
+        match = next((p for p in linear if p["model"] == model), None)
+        if match is not None:
+            return model, sweep_layer, (f"started from the champion {model} (models:/{name}@{champion.ALIAS}, "
+                                        f"{match['stage']}, val accuracy {match['val_accuracy']:.4f})")
+        unfit = (f"; the champion {model} is not a linear head on these features, so it cannot be the probe"
+                 if linear else "")
+    else:
+        unfit = ""
+    if not linear:
+        return None, sweep_layer, ""
+    best = linear[0]
+    return best["model"], sweep_layer, (f"started from {best['model']}, the best linear head on val registered for "
+                                        f"these features ({best['stage']}, val accuracy {best['val_accuracy']:.4f})"
+                                        f"{unfit or f'; {name} has no champion'}")
 
 
 def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
@@ -72,8 +95,9 @@ def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
 
     from ftl.model import classifier
 
-    model, sweep_layer = registered(wf, uri)
-    model = model or fitted
+    model, sweep_layer, why = registered(wf, uri)
+    if model is None and fitted is not None:
+        model, why = fitted, f"started from {fitted}, fitted now: no probe of these features was registered"
     if model is None:
         raise TrainError(f"no linear probe is registered for the features at {uri}: run `ftl train` on them "
                          f"first, or name one in finetune.probe")
@@ -88,4 +112,4 @@ def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
         raise TrainError(f"finetune.probe: {model} was not trained on the features at {data.uri} (other feature set "
                          f"or classes); leave finetune.probe unset to find the probe of these features")
     return Probe(model=model, meta=clf.meta, backbone_state=backbone_state, head=clf.head.cpu().eval(), data=data,
-                 sweep_layer=sweep_layer, fitted_now=model == fitted)
+                 sweep_layer=sweep_layer, fitted_now=model == fitted, why=why)

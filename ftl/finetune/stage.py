@@ -135,7 +135,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
         tracking.set_tags({"ftl.model": model, "ftl.image_model": model, "ftl.tuned_blocks": tuned_blocks,
                            "ftl.checkpoint": tuned.checkpoint})
     notes = [promoted] + ([f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else [])
-    notes += ["no probe of these features was registered: `ftl train` fitted one first"] if probe.fitted_now else []
+    notes += [probe.why] if probe.why else []
     notes += [f"unreadable images skipped: {tuned.unreadable}"] if tuned.unreadable else []
     return FinetuneResult(
         run_id=run_id, link=tracking.run_link(run_id), probe=probe.model, tuned=tuned_blocks,

@@ -15,7 +15,7 @@ def run(wf: Workflow) -> finetune.FinetuneResult:
     """Fine-tune from the registered probe of the workflow's features; with none, `ftl train` fits one first."""
     finetune.check(wf)  # before a probe is fitted for nothing
     tracking.setup(wf.tracking, wf.name)
-    model, _ = probes.registered(wf, features.uri_of(wf))
+    model, _, _ = probes.registered(wf, features.uri_of(wf))
     if model is not None:
         return finetune.run(wf)
     fitted = train.run(wf.model_copy(update={"train": wf.train.model_copy(update={"head": "linear"})}))

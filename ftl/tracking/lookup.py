@@ -55,7 +55,9 @@ def find_probes(feature_set: str) -> list[dict]:
         if lineage.get("ftl.feature_set") == feature_set:
             out.append({"model": tags["ftl.image_model"], "run_id": run.info.run_id, "stage": stage,
                         "layer": lineage["ftl.layer"], "head": run.data.params.get(f"{stage}.head", ""),
-                        "val_accuracy": run.data.metrics.get("val/accuracy", 0.0)})
+                        # The score the version was registered with (a sweep's run holds many trials' scores).
+                        "val_accuracy": float(lineage.get("ftl.val_accuracy",
+                                                          run.data.metrics.get("val/accuracy", 0.0)))})
     return sorted(out, key=lambda p: -p["val_accuracy"])
 
 

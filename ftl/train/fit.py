@@ -208,11 +208,13 @@ def ray_world() -> int:
 
 
 def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, run_name: str,
-        storage_options: dict | None = None, stream: bool | None = None, lbfgs_iters: int = LBFGS_ITERS) -> Fit:
+        storage_options: dict | None = None, stream: bool | None = None, lbfgs_iters: int = LBFGS_ITERS,
+        worker_group: bool = False) -> Fit:
     """Fit one head (or a weight-decay sweep): in one Ray task when one worker holds it, else with TorchTrainer.
 
     For benchmarks: `stream=True` streams train even when it would fit held (else the memory a
-    worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch.
+    worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch; `worker_group=True` fits on a
+    worker group even when one task would do.
     """
     started = time.perf_counter()
     hidden = cfg.hidden if cfg.head == "mlp" else []
@@ -233,7 +235,7 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
                   lbfgs_iters=lbfgs_iters, progress=shown.handle)
     try:
         with shown:
-            if not stream and cfg.workers == 1:  # held by one worker: no worker group to start (ftl.train.solo)
+            if not (stream or worker_group) and cfg.workers == 1:  # one worker holds it: no group (train.solo)
                 out = solo.run(job, x, y, gpu=gpu, retries=MAX_FAILURES)
                 blob = out.pop("state")
                 checkpoint = solo.save(blob, storage_path=storage_path, run_name=run_name,

@@ -85,7 +85,7 @@ def test_finetuning_beats_the_probe_and_serves(tmp_path, quality_data, ray_runti
     assert main(["finetune", str(wf)]) == 0  # no probe yet: `ftl train` fits one first
     out = capsys.readouterr().out
     assert "fine-tuned blocks features.12:features.18 from probe models:/ft-quality/1" in out
-    assert "`ftl train` fitted one first" in out and "image model: models:/ft-quality/2" in out
+    assert "fitted now: no probe of these features was registered" in out and "image model: models:/ft-quality/2" in out
 
     client = MlflowClient(mlflow_server)
     [run] = client.search_runs([client.get_experiment_by_name("quality").experiment_id],
@@ -287,3 +287,35 @@ def test_the_split_network_is_the_tap_and_trains_only_its_blocks(name, block, la
     assert {n for n in grads if n.startswith("backbone.")} <= trained and "head.net.0.weight" in grads
     assert any(n.startswith(f"backbone.{block}.") and n.endswith(".weight") for n in grads)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())  # BatchNorm frozen: no update
+
+
+def test_fine_tuning_starts_from_the_champion_when_one_exists(tmp_path, small, mlflow_server, capsys):
+    """Two probes of the same features; the champion, moved by hand to the one that is not best on val, is
+    where fine-tuning starts, and the summary says so. Without a champion, the best on val is."""
+    from mlflow import MlflowClient
+
+    from ftl import config, tracking
+    from ftl.finetune import probes
+    from ftl.fitting import features
+
+    wf = workflow(tmp_path, small[0], out=small[1], name="champ", blocks="features.18:", epochs=1,
+                  cache_prefix=True, augment=False)
+    assert main(["train", str(wf)]) == 0
+    assert main(["train", str(wf), "--set", "train.weight_decay=3.0"]) == 0  # a second probe, far more regularised
+    client = MlflowClient(mlflow_server)
+    scores = {v.version: float(v.tags["ftl.val_accuracy"]) for v in client.search_model_versions("name='ft-champ'")}
+    assert len(scores) == 2 and len(set(scores.values())) == 2, scores
+    worse, better = min(scores, key=scores.get), max(scores, key=scores.get)
+    client.set_registered_model_alias("ft-champ", "champion", worse)  # as a user pins the one they serve
+    capsys.readouterr()
+    assert main(["finetune", str(wf)]) == 0
+    out = capsys.readouterr().out
+    assert f"started from the champion models:/ft-champ/{worse} (models:/ft-champ@champion" in out, out[-2000:]
+    [run] = client.search_runs([client.get_experiment_by_name("champ").experiment_id], "tags.`ftl.stage` = 'finetune'")
+    assert run.data.tags["ftl.probe_model"] == f"models:/ft-champ/{worse}"
+    client.delete_registered_model_alias("ft-champ", "champion")
+    loaded = config.load_workflow(wf)
+    tracking.setup(loaded.tracking, loaded.name)
+    model, _, why = probes.registered(loaded, features.uri_of(loaded))
+    assert model == f"models:/ft-champ/{better}", (model, scores)
+    assert "the best linear head on val" in why and "ft-champ has no champion" in why, why
