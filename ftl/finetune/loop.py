@@ -23,7 +23,7 @@ from torch import nn
 from ftl import logs
 from ftl.config import FinetuneConfig
 from ftl.finetune import blocks as blockmod
-from ftl.finetune import data, network
+from ftl.finetune import data, network, selection
 from ftl.finetune.job import FinetuneJob
 from ftl.finetune.resume import ResumeState, restore, save
 from ftl.fitting import core, live
@@ -150,8 +150,11 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
         if stopped:
             break
     kept = next((h for h in stop.history if h["epoch"] == stop.epoch), stop.history[-1])
+    state = stop.best(s.chunked)
+    s.chunked.load_state_dict(state)
     return {"blocks": trained, "epoch": stop.epoch, "val_loss": kept["val_loss"],
-            "val_accuracy": kept["val_accuracy"], "history": stop.history, "state": stop.best(s.chunked)}
+            "val_accuracy": kept["val_accuracy"], "history": stop.history, "state": state,
+            "val_correct": correct(s)}  # per val image, for the paired comparison with the probe (finetune.selection)
 
 
 def rank(summary: dict) -> tuple[float, float]:
@@ -180,6 +183,11 @@ def session(job: FinetuneJob) -> Session:
                    world=ctx.get_world_size())
 
 
+def correct(s: Session) -> list[int]:
+    """1 for each val image the network (in its current state) gets right, else 0."""
+    return (logits(s, s.xv).argmax(1) == s.yv.cpu().numpy()).astype(np.int8).tolist()
+
+
 def logits(s: Session, x: torch.Tensor) -> np.ndarray:
     s.chunked.eval()
     with torch.no_grad():
@@ -196,6 +204,7 @@ def train_loop(config: dict) -> dict | None:
     p = restore()
     s.xv, yv, _ = read_split(s, "val")
     s.yv = yv.to(s.device)
+    probe_correct = correct(s)  # the probe, before any step (the state every candidate starts from)
     candidates = job.candidates
     for index in range(p.candidate, len(candidates)):
         # Epochs count from 1 here: epoch 0 is the probe itself. Rank 0 speaks for all (same val, same decision).
@@ -205,18 +214,25 @@ def train_loop(config: dict) -> dict | None:
         summary = candidate(s, p, trained=candidates[index], order=job.order, rows=job.rows,
                             initial=initial, on_epoch=on_epoch)
         state = summary.pop("state")
-        if p.best is None or rank(summary) > rank(p.done[p.best["index"]]):
+        # The state kept is the best candidate's by finetune.selection's rule: one that beats the probe by
+        # the margin before one that does not, then the best on val.
+        if p.best is None or selection.key(probe_correct, summary, margin=cfg.margin_se) > selection.key(
+                probe_correct, p.done[p.best["index"]], margin=cfg.margin_se):
             p.best = {"index": index, "state": state}
         p.done.append(summary)
         p.candidate, p.current = index + 1, None
     if not p.finished:
         p.finished = True
         save(p, rank=s.rank, metrics={"candidate": p.best["index"], **p.done[p.best["index"]]["history"][-1]})
-    s.chunked.load_state_dict(p.best["state"])
+    choice = selection.select(probe_correct, p.done, margin=cfg.margin_se)
+    # The probe kept: val and test are the probe's, as the model stays the probe.
+    s.chunked.load_state_dict(initial if choice.kept_probe else p.best["state"])
     if s.rank != 0:
         return None
     xt, yt, ids = read_split(s, "test")  # the only look at test: the kept model, once
     return {"val": {"logits": logits(s, s.xv), "y": yv.numpy()},
             "test": {"logits": logits(s, xt), "y": yt.numpy(), "image_id": ids},
-            "candidates": p.done, "chosen": p.best["index"], "device": str(s.device), "resumed_at": p.resumed_at,
+            "candidates": [{k: v for k, v in c.items() if k != "val_correct"} for c in p.done],
+            "chosen": choice.index, "kept_probe": choice.kept_probe, "selection": choice.rows,
+            "device": str(s.device), "resumed_at": p.resumed_at,
             "unreadable": s.unreadable}

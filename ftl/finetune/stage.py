@@ -51,6 +51,7 @@ class FinetuneResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)  # candidates whose best epoch was 0: the probe's val, not theirs
+    selection: dict[str, dict] = field(default_factory=dict)  # range → val SE, paired gain over the probe and its SE
 
     def summary(self) -> str:
         m, p = self.metrics, self.probe_metrics
@@ -59,8 +60,11 @@ class FinetuneResult:
                   f"test {r['test']}, in {self.seconds:.1f}s (best epoch {self.best_epoch})")]
         if len(self.candidates) > 1:
             lines.append("auto: val accuracy " + "  ".join(
-                f"{k} {v:.4f}" + (" (the probe's: no epoch beat it)" if k in self.unchanged else "")
+                f"{k} {v:.4f}" + (f" ± {self.selection[k]['val_se']:.4f}" if k in self.selection else "")
+                + (" (the probe's: no epoch beat it)" if k in self.unchanged else "")
                 for k, v in self.candidates.items()))
+        lines += ["val gain over the probe, paired: " + "  ".join(
+            f"{k} {r['gain']:+.4f} ± {r['gain_se']:.4f}" for k, r in self.selection.items())] if self.selection else []
         lines += [f"{'':<16}{'probe':>8}{'fine-tuned':>12}"]
         lines += [f"{k:<16}{p[k]:>8.4f}{m[k]:>12.4f}" for k in ("val/accuracy", "test/accuracy", "test/macro_f1",
                                                                   "test/log_loss")]
@@ -127,6 +131,12 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
             # and maybe the champion. The probe stays the model; the run keeps what each candidate reached.
             model, promoted = probe.model, (f"kept the probe {probe.model}: no epoch of fine-tuning beat it on val "
                                             f"loss (best epoch 0), so nothing new was registered")
+        elif tuned.kept_probe:  # a gain within val's noise (ftl.finetune.selection): the probe stays the model
+            r = tuned.selection[tuned.chosen]
+            model, promoted = probe.model, (
+                f"kept the probe {probe.model}: no candidate beat it by {wf.finetune.margin_se:g} paired standard "
+                f"errors on val (best: {tuned_blocks} {r['gain']:+.4f} ± {r['gain_se']:.4f}), so nothing new was "
+                f"registered")
         else:
             model, promoted = register_model(tuned, probe, registered=registered, tags={
                 **lineage, "ftl.finetune_run": run_id, "ftl.tuned_blocks": tuned_blocks,
@@ -140,6 +150,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
     return FinetuneResult(
         run_id=run_id, link=tracking.run_link(run_id), probe=probe.model, tuned=tuned_blocks,
         candidates={blocks.describe(c["blocks"], plan.order): c["val_accuracy"] for c in tuned.candidates},
+        selection={blocks.describe(c["blocks"], plan.order): r for c, r in zip(tuned.candidates, tuned.selection)},
         unchanged=[blocks.describe(c["blocks"], plan.order) for c in tuned.candidates if c["epoch"] == 0], rows=rows,
         metrics=metrics, probe_metrics=probe_metrics, best_epoch=tuned.candidates[tuned.chosen]["epoch"], model=model,
         checkpoint=tuned.checkpoint, seconds=time.perf_counter() - started, notes=notes)
@@ -195,14 +206,24 @@ def log_history(tuned: trainer.Tuned, *, probe_metrics: dict, order: list[str]) 
                 for h in history]
 
     tracking.log_history_batch(rows(tuned.history))
-    tracking.log_metrics({"best_epoch": tuned.candidates[tuned.chosen]["epoch"], "finetune_seconds": tuned.seconds})
+    tracking.log_metrics({"best_epoch": tuned.candidates[tuned.chosen]["epoch"], "finetune_seconds": tuned.seconds}
+                         | selected(tuned, tuned.candidates[tuned.chosen]))
     if len(tuned.candidates) > 1:
         for c in tuned.candidates:
             with tracking.child(name=blocks.describe(c["blocks"], order), stage="candidate"):
                 tracking.log_params({"blocks": blocks.describe(c["blocks"], order)})
                 tracking.log_history_batch(rows(c["history"]))
                 tracking.log_metrics({"val/accuracy": c["val_accuracy"], "val/loss": c["val_loss"],
-                                      "best_epoch": c["epoch"]})
+                                      "best_epoch": c["epoch"]} | selected(tuned, c))
+
+
+def selected(tuned: trainer.Tuned, c: dict) -> dict:
+    """A candidate's paired comparison with the probe on val, as metrics (none from a run before it was recorded)."""
+    if not tuned.selection:
+        return {}
+    r = tuned.selection[tuned.candidates.index(c)]
+    return {"val/accuracy_se": r["val_se"], "val/gain_over_probe": r["gain"], "val/gain_se": r["gain_se"],
+            "beats_probe": float(r["wins"])}
 
 
 def evaluated(tuned: trainer.Tuned, probe: probes.Probe, plan: blocks.Plan) -> features.FeatureData:

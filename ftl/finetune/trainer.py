@@ -8,7 +8,7 @@ failures inside one run are retried from it too (finetune.max_failures).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ftl.config import FinetuneConfig
 from ftl.errors import TrainError
@@ -34,6 +34,8 @@ class Tuned:
     unreadable: int
     checkpoint: str
     seconds: float
+    kept_probe: bool = False  # no candidate beat the probe by finetune.margin_se (ftl.finetune.selection)
+    selection: list[dict] = field(default_factory=list)  # per candidate: val accuracy, SE, paired gain
 
     @property
     def history(self) -> list[dict]:
@@ -77,4 +79,5 @@ def fit(cfg: FinetuneConfig, *, spec: NetSpec, weights: dict, plan: Plan, datase
     return Tuned(backbone_state=states(kept, "net.backbone."), head_state=states(kept, "net.head."),
                  candidates=out["candidates"], chosen=out["chosen"], val=out["val"], test=out["test"],
                  device=out["device"], resumed_at=out["resumed_at"], unreadable=out["unreadable"],
-                 checkpoint=loc.to_uri(result.checkpoint.path), seconds=time.perf_counter() - started)
+                 checkpoint=loc.to_uri(result.checkpoint.path), seconds=time.perf_counter() - started,
+                 kept_probe=out["kept_probe"], selection=out["selection"])

@@ -186,16 +186,22 @@ def test_auto_keeps_the_best_range_on_val(tmp_path, small, mlflow_server, capsys
     children = {r.data.params["blocks"]: r.data.metrics for r in runs if r.data.tags["ftl.stage"] == "candidate"}
     order = ["features.15:features.18", "features.0:features.4"]  # as auto_candidates lists them
     assert set(children) == set(order)
+    # finetune.selection's rule: a candidate that beats the probe by 2 paired SE on val first, then val
+    # accuracy, then the lower val loss; a tie keeps the earlier.
     best = order[0]
-    for b in order[1:]:  # the sweep's rule: val accuracy, then the lower val loss; a tie keeps the earlier
-        if (children[b]["val/accuracy"], -children[b]["val/loss"]) > (children[best]["val/accuracy"],
-                                                                        -children[best]["val/loss"]):
+    for b in order[1:]:
+        key = (children[b]["beats_probe"], children[b]["val/accuracy"], -children[b]["val/loss"])
+        if key > (children[best]["beats_probe"], children[best]["val/accuracy"], -children[best]["val/loss"]):
             best = b
     assert parent.data.tags["ftl.tuned_blocks"] == best, children
-    if parent.data.metrics["best_epoch"] > 0:
+    for m in children.values():  # what the choice rested on, per candidate
+        gain = m["val/gain_over_probe"]
+        assert m["beats_probe"] == float(gain > 0 and gain >= 2 * m["val/gain_se"]), m
+    if children[best]["beats_probe"]:
         assert client.get_model_version("ft-auto", "2").tags["ftl.tuned_blocks"] == best
-    else:  # no candidate beat the probe: nothing new registered (the next test forces this case)
+    else:  # no candidate beat the probe by the margin: nothing new registered (the next test forces a case)
         assert [v.version for v in client.search_model_versions("name='ft-auto'")] == ["1"]
+        assert parent.data.tags["ftl.image_model"] == "models:/ft-auto/1"
 
 
 def test_a_run_whose_best_epoch_is_the_probe_registers_nothing_and_says_so(tmp_path, small, mlflow_server, capsys):
