@@ -32,7 +32,10 @@ class FinetuneConfig(Strict):
                                       "at this factor of the block above's lr (timm's layer decay; MAE: 0.65-0.75)")
     weight_decay: float = Field(default=0.05, ge=0, description="AdamW's decoupled decay: weights, not biases or norms")
     freeze_bn: bool = Field(default=True, description="BatchNorm keeps its running statistics and affine parameters")
-    augment: bool = Field(default=True, description="random resized crop and horizontal flip of train images")
+    # One by one: a flip changes the label of a digit or a letter, so it is never implied.
+    augment: list[Literal["crop", "flip"]] = Field(default=["crop"], description="train-image augmentations: crop "
+                                                   "(random resized crop), flip (horizontal, only where a mirrored "
+                                                   "image keeps its label); true: [crop]; false: none")
     crop_scale: tuple[float, float] = Field(default=(0.5, 1.0), description="random resized crop's area range")
     epochs: int = Field(default=10, ge=1)
     warmup_epochs: int = Field(default=1, ge=0, description="linear lr warmup before the cosine decay: AdamW's first "
@@ -57,6 +60,13 @@ class FinetuneConfig(Strict):
     seed: int = 0
     margin_se: float = Field(default=2.0, ge=0, description="a candidate replaces the probe only if it beats it on val "
                              "by this many paired standard errors (ftl.finetune.selection); 0: any gain")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, v):
+        if isinstance(v, bool):
+            return ["crop"] if v else []
+        return [v] if isinstance(v, str) else v
 
     @field_validator("blocks", mode="before")
     @classmethod

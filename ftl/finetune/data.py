@@ -119,11 +119,13 @@ def batch_tensors(batch: dict, *, column: str, classes: np.ndarray) -> tuple[tor
     return torch.from_numpy(np.ascontiguousarray(batch[column][ok])), torch.from_numpy(y), int((~ok).sum())
 
 
-def augmenter(size: int, scale: tuple[float, float]):
-    """Random resized crop (area in `scale`) and horizontal flip, on one CHW uint8 image."""
+def augmenter(size: int, scale: tuple[float, float], which: list[str]):
+    """The named augmentations (finetune.augment) on one CHW uint8 image: random resized crop (area in `scale`),
+    horizontal flip."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
+    made = {"crop": lambda: v2.RandomResizedCrop(size, scale=scale, antialias=True), "flip": v2.RandomHorizontalFlip}
+    return v2.Compose([made[name]() for name in which])
 
 
 def augment(images: torch.Tensor, transform, *, seed: int) -> torch.Tensor:

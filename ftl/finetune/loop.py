@@ -176,7 +176,8 @@ def session(job: FinetuneJob) -> Session:
     torch.manual_seed(cfg.seed)
     column = job.column
     net = network.build(job.spec, ray.get(job.states), inputs=column).to(device)
-    transform = data.augmenter(job.spec.crop, cfg.crop_scale) if cfg.augment and column == data.PIXELS else None
+    transform = (data.augmenter(job.spec.crop, cfg.crop_scale, cfg.augment) if cfg.augment and column == data.PIXELS
+                 else None)
     return Session(cfg=cfg, net=net, device=device, column=column, transform=transform,
                    chunked=network.Chunked(net, batch_size=256, device=device, autocast=autocast_for(cfg, device)),
                    classes=np.array(job.classes, dtype=object), rank=ctx.get_world_rank(),

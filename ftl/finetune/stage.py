@@ -141,7 +141,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
             model, promoted = register_model(tuned, probe, registered=registered, tags={
                 **lineage, "ftl.finetune_run": run_id, "ftl.tuned_blocks": tuned_blocks,
                 "ftl.probe_model": probe.model, "ftl.freeze_bn": wf.finetune.freeze_bn,
-                "ftl.augment": wf.finetune.augment})
+                "ftl.augment": ",".join(wf.finetune.augment) or "none"})
         tracking.set_tags({"ftl.model": model, "ftl.image_model": model, "ftl.tuned_blocks": tuned_blocks,
                            "ftl.checkpoint": tuned.checkpoint})
     notes = [promoted] + ([f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else [])
