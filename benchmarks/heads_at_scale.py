@@ -23,7 +23,7 @@ from ftl.config import TrainConfig
 from ftl.errors import TrainError
 from ftl.fitting import evaluate
 from ftl.pipeline.runtime import ensure_ray
-from ftl.train import fit, memory
+from ftl.train import fit, memory, worker
 
 GIB = 1 << 30
 
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (train.workers)")
     p.add_argument("--epochs", type=int, default=1, help="AdamW passes; L-BFGS rounds of --lbfgs-iters iterations")
-    p.add_argument("--lbfgs-iters", type=int, default=fit.LBFGS_ITERS, help="L-BFGS iterations per round")
+    p.add_argument("--lbfgs-iters", type=int, default=worker.LBFGS_ITERS, help="L-BFGS iterations per round")
     p.add_argument("--batch-size", type=int, default=1024, help="AdamW global batch")
     p.add_argument("--spread", type=float, default=0.12, help="std of the class means (noise std is 1)")
     p.add_argument("--only", default="", help="comma-separated method numbers to run, e.g. 1,3")

@@ -4,7 +4,7 @@ A head on features that one worker holds in memory (`memory.decide`), with `trai
 gains nothing from Ray Train's machinery: its controller, worker group, process group and
 dataset shards cost about 20 s before the first epoch on 2 cores, while the fit itself takes
 seconds. One task, on any node with a CPU (or a GPU), gets the arrays through the object store,
-runs the same `fit.train_worker` as rank 0 of 1, and returns the kept head; the driver writes
+runs the same `worker.train_worker` as rank 0 of 1, and returns the kept head; the driver writes
 it where Ray Train would have checkpointed it. A task lost with its node is retried, as a
 worker group would be restarted: seeded, the fit comes out the same.
 """
@@ -18,16 +18,14 @@ import torch
 
 from ftl import logs
 from ftl.io import storage
-from ftl.train import memory
+from ftl.train import memory, worker
 from ftl.train.job import HeadJob
 
 CHECKPOINT = "head.pt"
 
 
 def fit_head(job: HeadJob, x_train, y_train, x_val, y_val, *, gpu: bool) -> dict:
-    """Runs in the task: the fit of `fit.train_worker` on the arrays, its peak memory, the kept head's state."""
-    from ftl.train import fit
-
+    """Runs in the task: the fit of `worker.train_worker` on the arrays, its peak memory, the kept head's state."""
     logs.own_progress()
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
     arrays = {"train": (x_train, y_train), "val": (x_val, y_val)}
@@ -38,7 +36,7 @@ def fit_head(job: HeadJob, x_train, y_train, x_val, y_val, *, gpu: bool) -> dict
                 torch.tensor(y, dtype=torch.long, device=device))
 
     with memory.Peak() as peak:
-        out = fit.train_worker(job, device=device, rank=0, world=1, load=load)
+        out = worker.train_worker(job, device=device, rank=0, world=1, load=load)
     buf = io.BytesIO()
     torch.save(out.pop("state"), buf)
     return {**out, "state": buf.getvalue(), "peak_rss": peak.rss, "peak_private": peak.private}
