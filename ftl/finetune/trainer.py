@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from ftl.config import FinetuneConfig
 from ftl.errors import TrainError
-from ftl.finetune import data, loop, resume
+from ftl.finetune import loop, resume
 from ftl.finetune.blocks import Plan
 from ftl.finetune.job import FinetuneJob, NetSpec
 from ftl.fitting import live
-from ftl.fitting.workers import run_config, torch_config, use_gpu
+from ftl.fitting.workers import ingest_options, run_config, torch_config, use_gpu
 
 
 @dataclass
@@ -63,7 +63,7 @@ def fit(cfg: FinetuneConfig, *, spec: NetSpec, weights: dict, plan: Plan, datase
     job = FinetuneJob(finetune=cfg, spec=spec, states=ray.put(weights), candidates=plan.candidates, order=plan.order,
                       column=column, classes=classes, rows=rows, progress=shown.handle)
     ingest = ray.train.DataConfig(datasets_to_split=["train"],
-                                  execution_options=data.ordered(ray.train.DataConfig.default_ingest_options()))
+                                  execution_options=ingest_options(preserve_order=True))
     trainer = TorchTrainer(loop.train_loop, train_loop_config={"job": job}, run_config=run, datasets=datasets,
                            torch_config=torch_config(gpu), dataset_config=ingest,
                            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu))

@@ -43,3 +43,13 @@ def run_config(*, name: str, storage_path: str, storage_options: dict | None, ma
         name=name, storage_path=loc.path, storage_filesystem=PyFileSystem(FSSpecHandler(loc.fs)),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         failure_config=ray.train.FailureConfig(max_failures=max_failures))
+
+
+def ingest_options(*, preserve_order: bool = False):
+    """Ray Train's ingest options: what DataConfig.default_ingest_options() carries over from the DataContext,
+    built here because that function passes the deprecated exclude_resources on, and Ray warns of it."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, verbose_progress=current.verbose_progress,
+                            preserve_order=preserve_order or current.preserve_order)

@@ -22,7 +22,7 @@ from ftl import logs
 from ftl.config import TrainConfig
 from ftl.errors import TrainError
 from ftl.fitting import core, live
-from ftl.fitting.workers import all_reduce, run_config, torch_config, use_gpu
+from ftl.fitting.workers import all_reduce, ingest_options, run_config, torch_config, use_gpu
 from ftl.model import heads
 from ftl.train import memory, shards, solo
 from ftl.train.job import HeadJob
@@ -143,7 +143,7 @@ def group(job: HeadJob, x: dict, y: dict, *, gpu: bool, storage_path: str, run_n
         datasets={"train": shards.to_dataset(x["train"], y["train"], blocks=max(2, cfg.workers * 2),
                                       seed=cfg.seed if job.stream else None),
                   "val": shards.to_dataset(x["val"], y["val"], blocks=1)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
