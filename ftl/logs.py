@@ -35,6 +35,11 @@ for line in sys.stdin.buffer:
 """
 
 
+def say(text: str) -> None:
+    """A line for the user before or between the work (stderr, beside the progress lines); the summary is stdout."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from ftl import logs
 from ftl.config import ExtractConfig, Workflow
 from ftl.errors import ExtractError
 from ftl.extract.embed import Embedder, ModelSpec, ship
@@ -190,7 +191,7 @@ def listed_input(wf: Workflow, out: storage.Location, listed: tuple, counts: dic
 
 def scaled_input(wf: Workflow, out: storage.Location, listed: distributed.ScaledListing, counts: dict, *, fence):
     """A listing held in the object store: the diff is a Ray Data join, the driver sees counts."""
-    distributed.say(f"diffing {listed.listed:,} listed images against {out.uri}")
+    logs.say(f"diffing {listed.listed:,} listed images against {out.uri}")
     work = distributed_diff.diff(listed.rows, listed.listed, out, (FEATURES, QUARANTINE))
     incremental.supersede(out, work.superseded, fence=fence)
     counts.update(listed=listed.listed, duplicates=listed.duplicates, already_done=work.already_done,

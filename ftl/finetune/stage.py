@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ftl import tracking
+from ftl import logs, tracking
 from ftl.config import Workflow
 from ftl.errors import WorkflowError
 from ftl.finetune import blocks, data, probes, trainer
@@ -177,10 +177,28 @@ def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) ->
                                                             tuple(pre["std"])),
                                      pipeline=wf.extract, storage_options=wf.storage.options)
     checkpoints = cfg.checkpoints or storage.locate(wf.extract.output, wf.storage.options).join("finetune").uri
+    for line in costs(plan, epochs=cfg.epochs, images=rows["train"].num_rows, cached=cfg.cache_prefix):
+        logs.say(line)
     tuned = trainer.fit(cfg, spec=spec, weights=weights, plan=plan, datasets=datasets, column=column,
                         classes=probe.data.classes, rows=rows["train"].num_rows, name=name, storage_path=checkpoints,
                         storage_options=wf.storage.options)
     return tuned, rows["test"]
+
+
+def costs(plan: blocks.Plan, *, epochs: int, images: int, cached: bool) -> list[str]:
+    """What each candidate will cost, said before it runs: its epochs × images, the blocks it trains, and
+    whether the frozen prefix is cached (the cut is the earliest candidate's: at the input, nothing is)."""
+    lines = [f"finetune: candidate {i}/{len(plan.candidates)} {blocks.describe(c, plan.order)}: up to {epochs} "
+             f"epochs × {images:,} images = {epochs * images:,} image passes, {len(c)} of {len(plan.order)} blocks "
+             f"trained" for i, c in enumerate(plan.candidates, 1)]
+    if cached and plan.cut is None:
+        first = min(plan.candidates, key=lambda c: plan.order.index(c[0]))
+        lines.append(f"finetune: candidate {blocks.describe(first, plan.order)} starts at the input, so the frozen "
+                     f"prefix is empty and nothing is cached: every epoch of every candidate runs the whole network. "
+                     f"Leave first_stage out of finetune.auto_candidates to cache the blocks below the others")
+    elif cached:
+        lines.append(f"finetune: the frozen prefix up to {plan.cut} runs once; every epoch starts there")
+    return lines
 
 
 def log_predictions(tuned: trainer.Tuned, rows: pa.Table, *, classes: list[str]) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 
 from ftl import config, tracking
+from ftl.logs import say
 from ftl.config import SweepBackbone, Workflow
 from ftl.extract import stage as extract
 from ftl.io import storage
@@ -84,6 +84,3 @@ def plan_extractions(wf: Workflow) -> list[Workflow]:
     return subs
 
 
-def say(text: str) -> None:
-    """A line for the user before the work starts, beside the progress lines (stderr); the summary is stdout."""
-    print(text, file=sys.stderr, flush=True)

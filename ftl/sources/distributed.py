@@ -8,13 +8,13 @@ The results are the same rows as the driver's path (tests compare the two).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 from ftl.config import SourceConfig
 from ftl.errors import SourceError, WorkflowError
 from ftl.io import distributed_diff, storage
+from ftl.logs import say
 from ftl.sources import fanout, listing, manifests, sample
 
 
@@ -37,10 +37,6 @@ def wanted(cfg: SourceConfig, storage_options: dict | None) -> bool:
             raise WorkflowError("an s3_inventory source is read by Ray tasks: set source.listing: auto")
         return True
     return cfg.listing == "distributed" or cfg.listing == "auto" and manifests.is_sharded(cfg, storage_options)
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def list_source(cfg: SourceConfig, storage_options: dict | None) -> ScaledListing:

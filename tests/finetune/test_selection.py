@@ -52,3 +52,15 @@ def test_a_noisy_better_candidate_loses_to_a_clear_winner():
 def test_the_probe_unchanged_never_wins_even_at_margin_zero():
     probe, same = probe_and(0, 0)
     assert selection.select(probe, [same], margin=0.0).kept_probe
+
+
+def test_each_candidates_cost_is_said_and_an_uncached_plan_is_named():
+    from ftl.finetune import blocks, stage
+
+    both = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "first_stage"])
+    lines = stage.costs(both, epochs=10, images=3000, cached=True)
+    assert lines[0].startswith("finetune: candidate 1/2 features.15:features.18: up to 10 epochs × 3,000 images")
+    assert "starts at the input, so the frozen prefix is empty and nothing is cached" in lines[-1]
+    top = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "last_two_stages"])
+    said = stage.costs(top, epochs=10, images=3000, cached=True)
+    assert not any("nothing is cached" in line for line in said) and top.cut in said[-1]
