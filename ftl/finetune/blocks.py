@@ -77,6 +77,18 @@ def parse(spec: str | list[str], *, backbone: str, valid: list[str], layer: str)
     return valid[lo : hi + 1]
 
 
+# The whole backbone trains with layer-wise lr decay unless finetune.layer_decay says otherwise: without it,
+# the first blocks (generic edges and textures) would move as fast as the top one. BEiT and MAE use 0.65-0.75.
+WHOLE_BACKBONE_LAYER_DECAY = 0.75
+
+
+def layer_decay(cfg, trained: list[str], order: list[str]) -> float | None:
+    """finetune.layer_decay, else WHOLE_BACKBONE_LAYER_DECAY for a candidate that trains every block."""
+    if cfg.layer_decay is not None:
+        return cfg.layer_decay
+    return WHOLE_BACKBONE_LAYER_DECAY if list(trained) == list(order) else None
+
+
 def candidates(kinds: list[str], groups: list[list[str]]) -> list[list[str]]:
     """auto's ranges by name, without repeats."""
     by_kind = {"last_stage": groups[-1], "last_two_stages": [b for g in groups[-2:] for b in g],

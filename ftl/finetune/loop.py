@@ -102,7 +102,7 @@ def optimizer(s: Session, trained: list[str], order: list[str], rows: int):
     """AdamW over the head and the trained blocks (ftl.finetune.blocks): linear warmup, then core's cosine schedule."""
     cfg = s.cfg
     groups = blockmod.param_groups(s.net.backbone, s.net.head, blocks=trained, order=order, lr=cfg.lr,
-                                   backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
+                                   backbone_lr=cfg.backbone_lr, layer_decay=blockmod.layer_decay(cfg, trained, order),
                                    weight_decay=cfg.weight_decay)
     opt = torch.optim.AdamW(groups)
     rows, per_worker = math.ceil(rows / s.world), max(1, cfg.batch_size // s.world)

@@ -177,7 +177,7 @@ def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) ->
                                                             tuple(pre["std"])),
                                      pipeline=wf.extract, storage_options=wf.storage.options)
     checkpoints = cfg.checkpoints or storage.locate(wf.extract.output, wf.storage.options).join("finetune").uri
-    for line in costs(plan, epochs=cfg.epochs, images=rows["train"].num_rows, cached=cfg.cache_prefix):
+    for line in costs(plan, cfg, images=rows["train"].num_rows):
         logs.say(line)
     tuned = trainer.fit(cfg, spec=spec, weights=weights, plan=plan, datasets=datasets, column=column,
                         classes=probe.data.classes, rows=rows["train"].num_rows, name=name, storage_path=checkpoints,
@@ -185,12 +185,14 @@ def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) ->
     return tuned, rows["test"]
 
 
-def costs(plan: blocks.Plan, *, epochs: int, images: int, cached: bool) -> list[str]:
+def costs(plan: blocks.Plan, cfg, *, images: int) -> list[str]:
     """What each candidate will cost, said before it runs: its epochs × images, the blocks it trains, and
     whether the frozen prefix is cached (the cut is the earliest candidate's: at the input, nothing is)."""
+    epochs, cached = cfg.epochs, cfg.cache_prefix
     lines = [f"finetune: candidate {i}/{len(plan.candidates)} {blocks.describe(c, plan.order)}: up to {epochs} "
              f"epochs × {images:,} images = {epochs * images:,} image passes, {len(c)} of {len(plan.order)} blocks "
-             f"trained" for i, c in enumerate(plan.candidates, 1)]
+             f"trained" + (f", layer decay {decay:g}" if (decay := blocks.layer_decay(cfg, c, plan.order)) else "")
+             for i, c in enumerate(plan.candidates, 1)]
     if cached and plan.cut is None:
         first = min(plan.candidates, key=lambda c: plan.order.index(c[0]))
         lines.append(f"finetune: candidate {blocks.describe(first, plan.order)} starts at the input, so the frozen "
