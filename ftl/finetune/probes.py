@@ -96,7 +96,7 @@ def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
     from ftl.model import classifier
 
     model, sweep_layer, why = registered(wf, uri)
-    if model is None and fitted is not None:
+    if fitted is not None and model in (None, fitted):  # found again in the registry, where `ftl train` just put it
         model, why = fitted, f"started from {fitted}, fitted now: no probe of these features was registered"
     if model is None:
         raise TrainError(f"no linear probe is registered for the features at {uri}: run `ftl train` on them "
