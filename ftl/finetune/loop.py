@@ -157,11 +157,6 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
             "val_correct": correct(s)}  # per val image, for the paired comparison with the probe (finetune.selection)
 
 
-def rank(summary: dict) -> tuple[float, float]:
-    """Which candidate is kept: val accuracy, then the lower val loss (the sweep's rule)."""
-    return summary["val_accuracy"], -summary["val_loss"]
-
-
 def session(job: FinetuneJob) -> Session:
     """The worker's device, threads and network (the probe's backbone and head), and its augmentation."""
     import ray

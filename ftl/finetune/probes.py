@@ -28,7 +28,6 @@ class Probe:
     head: object  # ftl.model.heads.Head
     data: features.FeatureData  # its features, for its metrics on the same splits
     sweep_layer: str | None  # the layer a sweep of these features chose, if one did
-    fitted_now: bool = False
     why: str = ""  # which probe this is, and why it was chosen (the summary says it)
 
     @property
@@ -112,4 +111,4 @@ def find(wf: Workflow, uri: str, *, fitted: str | None = None) -> Probe:
         raise TrainError(f"finetune.probe: {model} was not trained on the features at {data.uri} (other feature set "
                          f"or classes); leave finetune.probe unset to find the probe of these features")
     return Probe(model=model, meta=clf.meta, backbone_state=backbone_state, head=clf.head.cpu().eval(), data=data,
-                 sweep_layer=sweep_layer, fitted_now=model == fitted, why=why)
+                 sweep_layer=sweep_layer, why=why)

@@ -34,12 +34,16 @@ def paired(correct: np.ndarray, probe: np.ndarray) -> tuple[float, float]:
 
 
 def rank(c: dict) -> tuple[float, float]:
+    """The sweep's rule: val accuracy, then the lower val loss."""
     return c["val_accuracy"], -c["val_loss"]
 
 
-def wins(probe_correct, c: dict, *, margin: float) -> bool:
-    gain, se = paired(np.asarray(c["val_correct"]), np.asarray(probe_correct))
+def clears(gain: float, se: float, margin: float) -> bool:
     return gain > 0 and gain >= margin * se
+
+
+def wins(probe_correct, c: dict, *, margin: float) -> bool:
+    return clears(*paired(np.asarray(c["val_correct"]), np.asarray(probe_correct)), margin)
 
 
 def key(probe_correct, c: dict, *, margin: float) -> tuple[bool, float, float]:
@@ -56,6 +60,6 @@ def select(probe_correct, candidates: list[dict], *, margin: float) -> Choice:
         acc = float(correct.mean()) if len(correct) else 0.0
         gain, se = paired(correct, probe)
         rows.append({"val_accuracy": acc, "val_se": math.sqrt(acc * (1 - acc) / max(1, len(correct))),
-                     "gain": gain, "gain_se": se, "wins": wins(probe, c, margin=margin)})
-    best = max(range(len(candidates)), key=lambda i: key(probe, candidates[i], margin=margin))
+                     "gain": gain, "gain_se": se, "wins": clears(gain, se, margin)})
+    best = max(range(len(candidates)), key=lambda i: (rows[i]["wins"], *rank(candidates[i])))  # as `key` orders
     return Choice(index=best, kept_probe=not rows[best]["wins"], rows=rows)

@@ -52,31 +52,3 @@ def test_a_noisy_better_candidate_loses_to_a_clear_winner():
 def test_the_probe_unchanged_never_wins_even_at_margin_zero():
     probe, same = probe_and(0, 0)
     assert selection.select(probe, [same], margin=0.0).kept_probe
-
-
-def test_each_candidates_cost_is_said_and_an_uncached_plan_is_named():
-    from ftl.config.finetune import FinetuneConfig
-    from ftl.finetune import blocks, stage
-
-    cfg = FinetuneConfig(epochs=10, cache_prefix=True, augment=False)
-    both = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "first_stage"])
-    lines = stage.costs(both, cfg, images=3000)
-    assert lines[0].startswith("finetune: candidate 1/2 features.15:features.18: up to 10 epochs × 3,000 images")
-    assert "starts at the input, so the frozen prefix is empty and nothing is cached" in lines[-1]
-    top = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "last_two_stages"])
-    said = stage.costs(top, cfg, images=3000)
-    assert not any("nothing is cached" in line for line in said) and top.cut in said[-1]
-
-
-def test_the_whole_backbone_trains_with_layer_decay_unless_told_otherwise():
-    from ftl.config.finetune import FinetuneConfig
-    from ftl.finetune import blocks, stage
-
-    whole = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "all"])
-    top, every = whole.candidates
-    cfg = FinetuneConfig(cache_prefix=False)
-    assert blocks.layer_decay(cfg, every, whole.order) == blocks.WHOLE_BACKBONE_LAYER_DECAY
-    assert blocks.layer_decay(cfg, top, whole.order) is None
-    assert blocks.layer_decay(FinetuneConfig(layer_decay=0.9), every, whole.order) == 0.9
-    lines = stage.costs(whole, cfg, images=100)
-    assert lines[1].endswith("19 of 19 blocks trained, layer decay 0.75") and "layer decay" not in lines[0]
