@@ -60,6 +60,9 @@ class FinetuneConfig(Strict):
     seed: int = 0
     margin_se: float = Field(default=2.0, ge=0, description="a candidate replaces the probe only if it beats it on val "
                              "by this many paired standard errors (ftl.finetune.selection); 0: any gain")
+    budget_minutes: float | None = Field(default=None, gt=0, description="training time for all candidates together: "
+                                         "an epoch that would end past it is not started, and the candidates after it "
+                                         "are skipped (said in the summary); default: no limit")
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from torch import nn
 from ftl import logs
 from ftl.config import FinetuneConfig
 from ftl.finetune import blocks as blockmod
-from ftl.finetune import data, network, selection
+from ftl.finetune import budget, data, network, selection
 from ftl.finetune.job import FinetuneJob
 from ftl.finetune.resume import ResumeState, restore, save
 from ftl.fitting import core, live
@@ -46,6 +46,9 @@ class Session:
     transform: object | None
     xv: torch.Tensor = None
     yv: torch.Tensor = None
+    xt: torch.Tensor | None = None  # test, read on rank 0 when first needed
+    yt: torch.Tensor | None = None
+    test_ids: list[str] | None = None
     unreadable: int = 0
 
 
@@ -136,11 +139,16 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
         first = s.cfg.epochs + 1 if p.current["stopped"] else p.current["epoch"] + 1
     else:  # epoch 0: the probe before any step, validated like every epoch
         stop.observe(s.chunked, s.xv, s.yv, epoch=0, train_loss=math.nan, lr=0.0)
+    out_of_budget = False
     for epoch in range(first, s.cfg.epochs + 1):
+        if epoch > 1 and not budget.allows(s.cfg, p):  # every candidate that starts trains one epoch at least
+            out_of_budget = True
+            break
         seed = ((s.cfg.seed * 1009 + p.candidate) * 10_007 + epoch) * 101 + s.rank  # a new shuffle per epoch
-        row = train_epoch(s, model, opt=opt, sched=sched, seed=seed % 2**31)
-        stopped = stop.observe(s.chunked, s.xv, s.yv, epoch=epoch, train_loss=row.pop("train_loss"),
-                               lr=sched.get_last_lr()[0])
+        with budget.Epoch(p):
+            row = train_epoch(s, model, opt=opt, sched=sched, seed=seed % 2**31)
+            stopped = stop.observe(s.chunked, s.xv, s.yv, epoch=epoch, train_loss=row.pop("train_loss"),
+                                   lr=sched.get_last_lr()[0])
         stop.history[-1].update(row)
         if on_epoch:
             on_epoch(stop.history[-1])
@@ -154,7 +162,9 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
     s.chunked.load_state_dict(state)
     return {"blocks": trained, "epoch": stop.epoch, "val_loss": kept["val_loss"],
             "val_accuracy": kept["val_accuracy"], "history": stop.history, "state": state,
-            "val_correct": correct(s)}  # per val image, for the paired comparison with the probe (finetune.selection)
+            "out_of_budget": out_of_budget,
+            "val_correct": correct(s),  # per val image, for the paired comparison with the probe (finetune.selection)
+            "test_correct": correct(s, test=True)}  # reported per candidate, never chosen on
 
 
 def session(job: FinetuneJob) -> Session:
@@ -179,9 +189,17 @@ def session(job: FinetuneJob) -> Session:
                    world=ctx.get_world_size())
 
 
-def correct(s: Session) -> list[int]:
-    """1 for each val image the network (in its current state) gets right, else 0."""
-    return (logits(s, s.xv).argmax(1) == s.yv.cpu().numpy()).astype(np.int8).tolist()
+def correct(s: Session, *, test: bool = False) -> list[int]:
+    """1 for each val (or test) image the network in its current state gets right, else 0.
+
+    Test is read once, on rank 0 (the others answer []): each candidate's test accuracy beside the
+    probe's is what the MLflow child runs and benchmarks/finetune_gain.py report. Selection only sees val."""
+    if test and s.rank != 0:
+        return []
+    if test and s.xt is None:
+        s.xt, s.yt, s.test_ids = read_split(s, "test")
+    x, y = (s.xt, s.yt) if test else (s.xv, s.yv.cpu())
+    return (logits(s, x).argmax(1) == y.numpy()).astype(np.int8).tolist()
 
 
 def logits(s: Session, x: torch.Tensor) -> np.ndarray:
@@ -198,17 +216,28 @@ def train_loop(config: dict) -> dict | None:
     s = session(job)
     initial = copy.deepcopy(s.chunked.state_dict())
     p = restore()
+    phase = (lambda what: live.tell(job.progress, phase=what)) if s.rank == 0 else (lambda what: None)
+    phase("workers started: reading val into memory")
     s.xv, yv, _ = read_split(s, "val")
     s.yv = yv.to(s.device)
+    phase(f"validating the probe on {len(yv):,} val images, then reading test")
     probe_correct = correct(s)  # the probe, before any step (the state every candidate starts from)
+    probe_test = correct(s, test=True)
+    phase("training the first candidate's first epoch")
     candidates = job.candidates
     for index in range(p.candidate, len(candidates)):
+        if p.done and not budget.allows(cfg, p):  # finetune.budget_minutes: later candidates are left out
+            p.skipped.append(index)
+            p.candidate = index + 1
+            continue
         # Epochs count from 1 here: epoch 0 is the probe itself. Rank 0 speaks for all (same val, same decision).
         on_epoch = live.reporter(job.progress if s.rank == 0 else None, first_epoch=1, epochs=cfg.epochs,
                                  fit=index + 1, fits=len(candidates), what="candidate",
                                  note=f"blocks {blockmod.describe(candidates[index], job.order)}")
+        spent = p.spent
         summary = candidate(s, p, trained=candidates[index], order=job.order, rows=job.rows,
                             initial=initial, on_epoch=on_epoch)
+        summary["seconds"] = p.spent - spent  # its epochs in this attempt (a resumed one counts from the restart)
         state = summary.pop("state")
         # The state kept is the best candidate's by finetune.selection's rule: one that beats the probe by
         # the margin before one that does not, then the best on val.
@@ -225,10 +254,12 @@ def train_loop(config: dict) -> dict | None:
     s.chunked.load_state_dict(initial if choice.kept_probe else p.best["state"])
     if s.rank != 0:
         return None
-    xt, yt, ids = read_split(s, "test")  # the only look at test: the kept model, once
+    if s.xt is None:
+        s.xt, s.yt, s.test_ids = read_split(s, "test")
     return {"val": {"logits": logits(s, s.xv), "y": yv.numpy()},
-            "test": {"logits": logits(s, xt), "y": yt.numpy(), "image_id": ids},
-            "candidates": [{k: v for k, v in c.items() if k != "val_correct"} for c in p.done],
-            "chosen": choice.index, "kept_probe": choice.kept_probe, "selection": choice.rows,
+            "test": {"logits": logits(s, s.xt), "y": s.yt.numpy(), "image_id": s.test_ids},
+            "candidates": [{k: v for k, v in c.items() if k not in ("val_correct", "test_correct")} for c in p.done],
+            "chosen": choice.index, "kept_probe": choice.kept_probe, "skipped": p.skipped,
+            "selection": selection.on_test(choice.rows, p.done, probe_test),
             "device": str(s.device), "resumed_at": p.resumed_at,
             "unreadable": s.unreadable}

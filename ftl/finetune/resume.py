@@ -22,15 +22,22 @@ class ResumeState:
     best: dict | None = None  # {"index", "state"} of the best finished candidate
     current: dict | None = None  # {"epoch", "stopped", "net", "opt", "sched", "stop"}
     finished: bool = False
+    skipped: list[int] = field(default_factory=list)  # candidates finetune.budget_minutes left out
+    spent: float = 0.0  # seconds of training epochs so far, across restarts (ftl.finetune.budget)
+    epoch_seconds: float = 0.0  # the last epoch's
     resumed_at: str | None = None  # where a restored run picks up; never saved
 
     def state_dict(self) -> dict:
         return {"candidate": self.candidate, "done": self.done, "best": self.best, "current": self.current,
-                "finished": self.finished}
+                "finished": self.finished, "skipped": self.skipped, "spent": self.spent,
+                "epoch_seconds": self.epoch_seconds}
 
     def load_state_dict(self, saved: dict) -> None:
         self.candidate, self.done, self.best = saved["candidate"], list(saved["done"]), saved["best"]
         self.current, self.finished = saved["current"], saved["finished"]
+        # A checkpoint from before the budget was recorded has spent nothing yet.
+        self.skipped, self.spent = list(saved.get("skipped", [])), saved.get("spent", 0.0)
+        self.epoch_seconds = saved.get("epoch_seconds", 0.0)
         where = f"epoch {self.current['epoch']}" if self.current else "a finished candidate"
         self.resumed_at = "the end (training was done)" if self.finished else f"candidate {self.candidate}, {where}"
 

@@ -43,6 +43,9 @@ def clears(gain: float, se: float, margin: float) -> bool:
 
 
 def wins(probe_correct, c: dict, *, margin: float) -> bool:
+    """A candidate from a checkpoint written before per-image val results were kept cannot show a win: it never does."""
+    if "val_correct" not in c:
+        return False
     return clears(*paired(np.asarray(c["val_correct"]), np.asarray(probe_correct)), margin)
 
 
@@ -56,6 +59,10 @@ def select(probe_correct, candidates: list[dict], *, margin: float) -> Choice:
     probe = np.asarray(probe_correct)
     rows = []
     for c in candidates:
+        if "val_correct" not in c:  # see `wins`
+            rows.append({"val_accuracy": c["val_accuracy"], "val_se": math.nan, "gain": math.nan,
+                         "gain_se": math.nan, "wins": False})
+            continue
         correct = np.asarray(c["val_correct"])
         acc = float(correct.mean()) if len(correct) else 0.0
         gain, se = paired(correct, probe)
@@ -63,3 +70,18 @@ def select(probe_correct, candidates: list[dict], *, margin: float) -> Choice:
                      "gain": gain, "gain_se": se, "wins": clears(gain, se, margin)})
     best = max(range(len(candidates)), key=lambda i: (rows[i]["wins"], *rank(candidates[i])))  # as `key` orders
     return Choice(index=best, kept_probe=not rows[best]["wins"], rows=rows)
+
+
+def on_test(rows: list[dict], candidates: list[dict], probe_test) -> list[dict]:
+    """`select`'s rows with each candidate's test accuracy and paired test gain over the probe: reported only."""
+    probe = np.asarray(probe_test)
+    out = []
+    for r, c in zip(rows, candidates):
+        correct = np.asarray(c.get("test_correct", []))
+        if not len(correct) or len(correct) != len(probe):
+            out.append(r)
+            continue
+        gain, se = paired(correct, probe)
+        out.append({**r, "test_accuracy": float(correct.mean()), "test_gain": gain, "test_gain_se": se,
+                    "probe_test_accuracy": float(probe.mean())})
+    return out

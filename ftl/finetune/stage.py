@@ -23,7 +23,7 @@ import torch
 from ftl import logs, tracking
 from ftl.config import Workflow
 from ftl.errors import WorkflowError
-from ftl.finetune import blocks, data, probes, trainer
+from ftl.finetune import blocks, cost, data, probes, trainer
 from ftl.finetune.job import NetSpec
 from ftl.fitting import features, register
 from ftl.io import storage
@@ -146,6 +146,7 @@ def finetune(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, key: str, 
                            "ftl.checkpoint": tuned.checkpoint})
     notes = [promoted] + ([f"resumed from its checkpoint at {tuned.resumed_at}"] if tuned.resumed_at else [])
     notes += [probe.why] if probe.why else []
+    notes += cost.after(wf.finetune, tuned, plan)
     notes += [f"unreadable images skipped: {tuned.unreadable}"] if tuned.unreadable else []
     return FinetuneResult(
         run_id=run_id, link=tracking.run_link(run_id), probe=probe.model, tuned=tuned_blocks,
@@ -177,30 +178,12 @@ def train(wf: Workflow, *, probe: probes.Probe, plan: blocks.Plan, name: str) ->
                                                             tuple(pre["std"])),
                                      pipeline=wf.extract, storage_options=wf.storage.options)
     checkpoints = cfg.checkpoints or storage.locate(wf.extract.output, wf.storage.options).join("finetune").uri
-    for line in costs(plan, cfg, images=rows["train"].num_rows):
+    for line in cost.before(plan, cfg, images=rows["train"].num_rows):
         logs.say(line)
     tuned = trainer.fit(cfg, spec=spec, weights=weights, plan=plan, datasets=datasets, column=column,
                         classes=probe.data.classes, rows=rows["train"].num_rows, name=name, storage_path=checkpoints,
                         storage_options=wf.storage.options)
     return tuned, rows["test"]
-
-
-def costs(plan: blocks.Plan, cfg, *, images: int) -> list[str]:
-    """What each candidate will cost, said before it runs: its epochs × images, the blocks it trains, and
-    whether the frozen prefix is cached (the cut is the earliest candidate's: at the input, nothing is)."""
-    epochs, cached = cfg.epochs, cfg.cache_prefix
-    lines = [f"finetune: candidate {i}/{len(plan.candidates)} {blocks.describe(c, plan.order)}: up to {epochs} "
-             f"epochs × {images:,} images = {epochs * images:,} image passes, {len(c)} of {len(plan.order)} blocks "
-             f"trained" + (f", layer decay {decay:g}" if (decay := blocks.layer_decay(cfg, c, plan.order)) else "")
-             for i, c in enumerate(plan.candidates, 1)]
-    if cached and plan.cut is None:
-        first = min(plan.candidates, key=lambda c: plan.order.index(c[0]))
-        lines.append(f"finetune: candidate {blocks.describe(first, plan.order)} starts at the input, so the frozen "
-                     f"prefix is empty and nothing is cached: every epoch of every candidate runs the whole network. "
-                     f"Leave first_stage out of finetune.auto_candidates to cache the blocks below the others")
-    elif cached:
-        lines.append(f"finetune: the frozen prefix up to {plan.cut} runs once; every epoch starts there")
-    return lines
 
 
 def log_predictions(tuned: trainer.Tuned, rows: pa.Table, *, classes: list[str]) -> None:
@@ -234,16 +217,21 @@ def log_history(tuned: trainer.Tuned, *, probe_metrics: dict, order: list[str]) 
                 tracking.log_params({"blocks": blocks.describe(c["blocks"], order)})
                 tracking.log_history_batch(rows(c["history"]))
                 tracking.log_metrics({"val/accuracy": c["val_accuracy"], "val/loss": c["val_loss"],
-                                      "best_epoch": c["epoch"]} | selected(tuned, c))
+                                      "best_epoch": c["epoch"]} | selected(tuned, c, test=True)
+                                     | ({"seconds": c["seconds"]} if "seconds" in c else {}))
 
 
-def selected(tuned: trainer.Tuned, c: dict) -> dict:
-    """A candidate's paired comparison with the probe on val, as metrics (none from a run before it was recorded)."""
+def selected(tuned: trainer.Tuned, c: dict, *, test: bool = False) -> dict:
+    """A candidate's paired comparison with the probe on val (and test, for its child run), as metrics.
+
+    The parent run's test/ metrics are the kept model's (the probe's, when it is kept): never a candidate's."""
     if not tuned.selection:
         return {}
     r = tuned.selection[tuned.candidates.index(c)]
+    tested = {f"test/{k}": r[f"test_{m}"] for k, m in (("accuracy", "accuracy"), ("gain_over_probe", "gain"),
+                                                        ("gain_se", "gain_se")) if test and f"test_{m}" in r}
     return {"val/accuracy_se": r["val_se"], "val/gain_over_probe": r["gain"], "val/gain_se": r["gain_se"],
-            "beats_probe": float(r["wins"])}
+            "beats_probe": float(r["wins"])} | tested
 
 
 def evaluated(tuned: trainer.Tuned, probe: probes.Probe, plan: blocks.Plan) -> features.FeatureData:

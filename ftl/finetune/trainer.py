@@ -36,6 +36,7 @@ class Tuned:
     seconds: float
     kept_probe: bool = False  # no candidate beat the probe by finetune.margin_se (ftl.finetune.selection)
     selection: list[dict] = field(default_factory=list)  # per candidate: val accuracy, SE, paired gain
+    skipped: list[int] = field(default_factory=list)  # candidates finetune.budget_minutes left out (plan's indices)
 
     @property
     def history(self) -> list[dict]:
@@ -80,4 +81,4 @@ def fit(cfg: FinetuneConfig, *, spec: NetSpec, weights: dict, plan: Plan, datase
                  candidates=out["candidates"], chosen=out["chosen"], val=out["val"], test=out["test"],
                  device=out["device"], resumed_at=out["resumed_at"], unreadable=out["unreadable"],
                  checkpoint=loc.to_uri(result.checkpoint.path), seconds=time.perf_counter() - started,
-                 kept_probe=out["kept_probe"], selection=out["selection"])
+                 kept_probe=out["kept_probe"], selection=out["selection"], skipped=out.get("skipped", []))

@@ -24,7 +24,7 @@ class Epochs:
 
     def update(self, **state) -> None:
         self.state.update(state)
-        if self.first is None:
+        if self.first is None and state.get("epochs"):  # a phase told before the first epoch starts no clock
             self.first = (time.monotonic(), done(self.state))
 
     def snapshot(self) -> dict:
@@ -41,8 +41,8 @@ def done(s: dict) -> int:
 
 def line(stage: str, s: dict, total, seconds: float) -> str:
     """`train: epoch 12/100 of weight decay 2/5, val accuracy 0.8420, 14s elapsed, ETA about 1m05s if no early stop`."""
-    if not s.get("epochs"):
-        return f"{stage}: starting the workers, {fmt_seconds(seconds)} elapsed"
+    if not s.get("epochs"):  # before the first epoch: what the workers said they are doing, if they did
+        return f"{stage}: {s.get('phase', 'starting the workers')}, {fmt_seconds(seconds)} elapsed"
     head = f"{stage}: epoch {s['epoch']}/{s['epochs']}"
     if s.get("fits", 1) > 1:
         head += f" of {s.get('what', 'fit')} {s['fit']}/{s['fits']}"

@@ -37,6 +37,8 @@ def connect(cfg: TrackingConfig) -> str:
     _PASSWORD, in this process only) and the bare URI: MLflow prints its tracking URI in "View run
     at" lines, run links and errors, and a password inside it would land in logs.
     """
+    # MLflow's artifact progress bar (tqdm, one redraw per file) would land between ftl's own progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     bare, user, password = split_userinfo(cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)

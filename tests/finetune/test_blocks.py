@@ -7,7 +7,7 @@ import torch
 
 from ftl.cli import main
 from ftl.errors import WorkflowError
-from ftl.finetune import blocks, network
+from ftl.finetune import blocks, cost, network
 from ftl.model import backbones, heads
 from tests.conftest import write_workflow
 
@@ -82,21 +82,21 @@ def test_the_split_network_is_the_tap_and_trains_only_its_blocks(name, block, la
 
 def test_each_candidates_cost_is_said_and_an_uncached_plan_is_named():
     from ftl.config.finetune import FinetuneConfig
-    from ftl.finetune import blocks, stage
+    from ftl.finetune import blocks
 
     cfg = FinetuneConfig(epochs=10, cache_prefix=True, augment=False)
     both = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "first_stage"])
-    lines = stage.costs(both, cfg, images=3000)
+    lines = cost.before(both, cfg, images=3000)
     assert lines[0].startswith("finetune: candidate 1/2 features.15:features.18: up to 10 epochs × 3,000 images")
     assert "starts at the input, so the frozen prefix is empty and nothing is cached" in lines[-1]
     top = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "last_two_stages"])
-    said = stage.costs(top, cfg, images=3000)
+    said = cost.before(top, cfg, images=3000)
     assert not any("nothing is cached" in line for line in said) and top.cut in said[-1]
 
 
 def test_the_whole_backbone_trains_with_layer_decay_unless_told_otherwise():
     from ftl.config.finetune import FinetuneConfig
-    from ftl.finetune import blocks, stage
+    from ftl.finetune import blocks
 
     whole = blocks.plan("auto", backbone="mobilenet_v2", layer="flatten", kinds=["last_stage", "all"])
     top, every = whole.candidates
@@ -104,5 +104,5 @@ def test_the_whole_backbone_trains_with_layer_decay_unless_told_otherwise():
     assert blocks.layer_decay(cfg, every, whole.order) == blocks.WHOLE_BACKBONE_LAYER_DECAY
     assert blocks.layer_decay(cfg, top, whole.order) is None
     assert blocks.layer_decay(FinetuneConfig(layer_decay=0.9), every, whole.order) == 0.9
-    lines = stage.costs(whole, cfg, images=100)
+    lines = cost.before(whole, cfg, images=100)
     assert lines[1].endswith("19 of 19 blocks trained, layer decay 0.75") and "layer decay" not in lines[0]

@@ -193,11 +193,35 @@ def test_auto_keeps_the_best_range_on_val(tmp_path, small, mlflow_server, capsys
     for m in children.values():  # what the choice rested on, per candidate
         gain = m["val/gain_over_probe"]
         assert m["beats_probe"] == float(gain > 0 and gain >= 2 * m["val/gain_se"]), m
+        # Each candidate's test beside the probe's on the same images: reported in its child run only.
+        probe_test = parent.data.metrics["probe/test/accuracy"]
+        assert m["test/gain_over_probe"] == pytest.approx(m["test/accuracy"] - probe_test)
+        assert m["test/gain_se"] >= 0
     if children[best]["beats_probe"]:
         assert client.get_model_version("ft-auto", "2").tags["ftl.tuned_blocks"] == best
     else:  # no candidate beat the probe by the margin: nothing new registered (the next test forces a case)
         assert [v.version for v in client.search_model_versions("name='ft-auto'")] == ["1"]
         assert parent.data.tags["ftl.image_model"] == "models:/ft-auto/1"
+
+
+def test_a_budget_stops_the_epoch_that_would_overrun_and_skips_the_candidates_after(tmp_path, small, mlflow_server,
+                                                                                     capsys):
+    """finetune.budget_minutes far under an epoch: the first candidate trains one epoch, the second never starts."""
+    from mlflow import MlflowClient
+
+    wf = workflow(tmp_path, small[0], out=small[1], name="budget", blocks="auto", epochs=4, cache_prefix=True,
+                  augment=False, auto_candidates=["last_stage", "last_two_stages"], budget_minutes=0.001)
+    assert main(["finetune", str(wf)]) == 0
+    said = capsys.readouterr()
+    out = said.out
+    assert "finetune: budget 0.001 min for the candidates' epochs" in said.err  # before training, with the costs
+    assert ("finetune.budget_minutes 0.001: stopped features.15:features.18 after epoch 1 (the next epoch would have "
+            "ended past the budget); skipped features.12:features.18 (not started: the budget was spent)") in out, out
+    client = MlflowClient(mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name("budget").experiment_id],
+                               "tags.`ftl.stage` = 'finetune'")
+    assert run.info.status == "FINISHED" and run.data.tags["ftl.tuned_blocks"] == "features.15:features.18"
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1]
 
 
 def test_a_run_whose_best_epoch_is_the_probe_registers_nothing_and_says_so(tmp_path, small, mlflow_server, capsys):

@@ -52,3 +52,25 @@ def test_a_noisy_better_candidate_loses_to_a_clear_winner():
 def test_the_probe_unchanged_never_wins_even_at_margin_zero():
     probe, same = probe_and(0, 0)
     assert selection.select(probe, [same], margin=0.0).kept_probe
+
+
+def test_a_candidate_from_a_checkpoint_without_per_image_results_never_wins():
+    """Resuming a run checkpointed before val_correct was kept: that candidate is ranked, never chosen over the
+    probe."""
+    probe, large = probe_and(20, 2)
+    legacy = {k: v for k, v in large.items() if k != "val_correct"}
+    assert not selection.wins(probe, legacy, margin=2.0)
+    choice = selection.select(probe, [legacy], margin=2.0)
+    assert choice.kept_probe and np.isnan(choice.rows[0]["gain"])
+    assert selection.select(probe, [legacy, large], margin=2.0).index == 1
+
+
+def test_each_candidates_test_gain_is_paired_with_the_probe_on_the_same_images():
+    probe_val, cand = probe_and(20, 2)
+    probe_test, on_test = probe_and(9, 3, seed=2)
+    cand["test_correct"] = on_test["val_correct"]
+    [row] = selection.on_test(selection.select(probe_val, [cand], margin=2.0).rows, [cand], probe_test)
+    assert row["test_gain"] == pytest.approx(6 / N) and row["test_accuracy"] == pytest.approx(406 / N)
+    assert row["probe_test_accuracy"] == pytest.approx(400 / N)
+    assert row["test_gain_se"] == pytest.approx(selection.paired(np.array(on_test["val_correct"]), probe_test)[1])
+    assert "test_gain" not in selection.on_test([{}], [{"val_accuracy": 0.5}], probe_test)[0]  # none recorded

@@ -89,6 +89,14 @@ def test_epoch_line_counts_every_fit_and_bounds_the_eta():
     assert live.line("finetune", s, None, 75) == ("finetune: epoch 5/10 of candidate 2/3, blocks features.18, "
                                                   "val accuracy 0.5000, 1m15s elapsed, ETA about 15s if no early stop")
     assert live.line("train", {}, None, 3) == "train: starting the workers, 3s elapsed"
+    # A phase the workers tell before the first epoch is said, and starts no ETA clock.
+    epochs = live.Epochs()
+    epochs.update(phase="workers started: reading val into memory")
+    assert epochs.first is None
+    said = live.line("finetune", epochs.snapshot(), None, 9)
+    assert said == "finetune: workers started: reading val into memory, 9s elapsed"
+    epochs.update(epoch=1, epochs=10)
+    assert epochs.first is not None and "rate_seconds" in epochs.snapshot()
 
 
 # ftl's own lines: progress, the summaries, the split checks. Anything else on the screen is someone's chatter.
