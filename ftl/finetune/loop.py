@@ -29,6 +29,7 @@ from ftl.finetune.resume import ResumeState, restore, save
 from ftl.fitting import core, live
 from ftl.fitting.workers import all_reduce
 from ftl.io import schema
+from ftl.pipeline import allocator
 
 
 @dataclass
@@ -155,6 +156,7 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
         p.current = {"epoch": epoch, "stopped": stopped, "net": s.chunked.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "stop": stop.state_dict()}
         save(p, rank=s.rank, metrics={"candidate": p.candidate, **stop.history[-1]})
+        allocator.trim()  # the epoch's batches and its checkpoint's buffers are freed: return their pages
         if stopped:
             break
     kept = next((h for h in stop.history if h["epoch"] == stop.epoch), stop.history[-1])
@@ -174,6 +176,7 @@ def session(job: FinetuneJob) -> Session:
     import ray.train.torch
 
     cfg = job.finetune
+    allocator.release_freed_memory()  # this worker may have inherited the model actors' settings
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray sets one thread per worker; the node's cores are shared by its workers instead

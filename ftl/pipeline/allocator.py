@@ -20,6 +20,8 @@ import functools
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # an int parameter: the largest it takes
+GLIBC_MMAP_MAX = 65536  # glibc's defaults, for processes that do not repeat one allocation (`release_freed_memory`)
+GLIBC_TRIM_THRESHOLD = 128 * 1024
 ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(NEVER_TRIM)}
 
 # The environment a model actor's process starts with: the allocator's settings, and OpenMP threads
@@ -40,3 +42,39 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """glibc's own defaults again, in a worker that inherited `ENV` and is not a model actor.
+
+    A local runtime hands `WORKER_ENV` to every worker it starts, Ray Train's among them. A training
+    worker does not repeat one batch's allocation: it holds val, checkpoints its state every epoch
+    and copies the best one, in sizes that differ. Without mmap and trimming, each of those stays in
+    the one heap, where freed holes too small for the next request grow it further: a fine-tuning
+    worker held 7.7 GB for 250 MB of cached tensors. Returns False where libc is not glibc.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD))
+    trim()
+    return ok
+
+
+def trim() -> None:
+    """Hand freed heap pages back to the system (after an epoch: its buffers and checkpoint are gone)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
