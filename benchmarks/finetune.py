@@ -139,6 +139,9 @@ def main() -> None:
     extracted = extract.run(wf)
     print(extracted.summary().splitlines()[0])
     tracking.setup(wf.tracking, wf.name)
+    from ftl.train import stage as train
+
+    print(train.run(wf).summary().splitlines()[0])  # the probe every mode starts from
     seconds: list[float] = []
     sizes: list[int] = []
     time_the_prefix_pass(seconds, sizes)

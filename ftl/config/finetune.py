@@ -36,7 +36,9 @@ class FinetuneConfig(Strict):
     augment: list[Literal["crop", "flip"]] = Field(default=["crop"], description="train-image augmentations: crop "
                                                    "(random resized crop), flip (horizontal, only where a mirrored "
                                                    "image keeps its label); true: [crop]; false: none")
-    crop_scale: tuple[float, float] = Field(default=(0.5, 1.0), description="random resized crop's area range")
+    # Light: on shifted Fashion-MNIST, LP-FT of the last stage gained 1.1 test points with (0.5, 1) and 4.1 with
+    # (0.8, 1) in the same 10 epochs (benchmarks/finetune_gain.py); a short schedule cannot absorb heavy crops.
+    crop_scale: tuple[float, float] = Field(default=(0.8, 1.0), description="random resized crop's area range")
     epochs: int = Field(default=10, ge=1)
     warmup_epochs: int = Field(default=1, ge=0, description="linear lr warmup before the cosine decay: AdamW's first "
                                "steps move every weight by about the lr, which distorts pretrained blocks")
