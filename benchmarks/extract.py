@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"], help="ftl's extract.decode")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone in every contender")
+    p.add_argument("--no-memory", action="store_true", help="skip the extra run per contender that samples memory")
     p.add_argument("--json", default=str(HERE / ".cache" / "extract-results.json"), help="where the record goes")
     p.add_argument("--logs", default=None, help="keep every contender's output in this folder")
     args = p.parse_args()
@@ -160,7 +161,7 @@ def main() -> None:
                           f"{r['wall_rate']:6.1f} img/s by wall, {r.get('stream_rate', 0):6.1f} streaming",
                           file=sys.stderr, flush=True)
         memory = {mode: {} for mode in args.allocators}
-        for mode in args.allocators:  # one more run each, sampled for memory and left out of the times
+        for mode in [] if args.no_memory else args.allocators:  # one more run each, sampled for memory, not timed
             env = allocators.env_for(mode, base, jemalloc=jemalloc)
             for name in args.contenders:
                 r = run_one(name, s, env=env, tmp=tmp, model=model, log=logs / f"memory-{mode}-{name}.log",

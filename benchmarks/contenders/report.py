@@ -41,12 +41,13 @@ def table(results: dict, memory: dict) -> str:
     for mode, contenders in results.items():
         for name, runs in contenders.items():
             walls = [r["wall_s"] for r in runs]
-            pss = memory[mode][name]["peak_pss"] / 2**30
+            sampled = memory.get(mode, {}).get(name)  # none with --no-memory
+            pss = f"{sampled['peak_pss'] / 2**30:.2f}" if sampled else "–"
             lines.append(
                 f"| {LABELS[name]} | {mode} | {len(runs)} | {min(walls):.1f} / {statistics.median(walls):.1f} "
                 f"| {fmt(best(runs, 'wall_rate'))} / {fmt(median(runs, 'wall_rate'))} "
                 f"| {fmt(best(runs, 'stream_rate'))} / {fmt(median(runs, 'stream_rate'))} "
-                f"| {fmt(median(runs, 'first_batch_s'))} | {pss:.2f} |")
+                f"| {fmt(median(runs, 'first_batch_s'))} | {pss} |")
     return "\n".join(lines)
 
 
