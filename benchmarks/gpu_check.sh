@@ -47,7 +47,9 @@ ROOT=$("$PY" benchmarks/images.py "$N" | tail -1) || { echo "could not write the
 step() {  # name, seconds, command...: run with a time limit, keep going on failure, log everything
   local name=$1 limit=$2 left=$((TOTAL - SECONDS)); shift 2
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 20 ]; then echo "$name: skipped, the ${TOTAL}s for all steps are spent" | tee -a "$LOGS/all.txt"; return; fi
+  if [ "$limit" -lt 20 ]; then
+    echo "$name: skipped, the ${TOTAL}s for all steps are spent" | tee -a "$LOGS/all.txt"; return
+  fi
   echo "== $name ($(date +%T))" | tee -a "$LOGS/all.txt"
   timeout "$limit" "$@" 2>&1 | grep -v -e " WARNING " -e " INFO " | tee "$LOGS/$name.txt" | tee -a "$LOGS/all.txt" \
     | grep -v "^run \|^wrote "
@@ -64,8 +66,8 @@ parts() { step "$1-parts" "$2" "$PY" benchmarks/gpu/parts.py --backbone "$(arch 
   --root "$ROOT" --device "$DEVICE" $PARTS; }
 pipeline() { step "$1-pipeline" "$2" "$PY" benchmarks/extract.py --device "$DEVICE" --backbone "$(arch "$1")" \
   --weights "$(weights "$1")" --images "$N" --repeat 1 --allocators glibc --no-memory --json "$LOGS/$1-pipeline.json"; }
-actor() { step "$1-actor" "$2" "$PY" benchmarks/gpu/actor_path.py --backbone "$(arch "$1")" --weights "$(weights "$1")" \
-  --root "$ROOT" --device "$DEVICE"; }
+actor() { step "$1-actor" "$2" "$PY" benchmarks/gpu/actor_path.py --backbone "$(arch "$1")" \
+  --weights "$(weights "$1")" --root "$ROOT" --device "$DEVICE"; }
 parts resnet50 "$STEP"; pipeline resnet50 "$STEP"
 pipeline mobilenet_v2 "$STEP"; pipeline vits "$STEP"
 parts mobilenet_v2 "$STEP"; parts vits "$STEP"
