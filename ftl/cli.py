@@ -103,7 +103,8 @@ def train(workflow: Workflow, set: Sets = None) -> None:
     from ftl.train import stage
 
     wf = config.load_workflow(workflow, set or [])
-    start_ray_early()
+    if not stage.in_process(wf.train):  # a head one process holds is fitted without Ray
+        start_ray_early()
     typer.echo(stage.run(wf).summary())
 
 
@@ -228,6 +229,8 @@ def entrypoint() -> None:
         # The local Ray runtime this command started goes as soon as this process does: skip the
         # interpreter's slow teardown too (a second or more with torch and MLflow loaded), and
         # Ray's graceful shutdown with it. What exit would still do is done here.
+        finish_fast(code)
+    if session is None or not session.started():  # no Ray at all (`ftl train` of a small head): the same teardown
         finish_fast(code)
     sys.exit(code)
 

@@ -15,9 +15,13 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def use_gpu(setting: bool | str) -> bool:
-    """`use_gpu: auto` is whether the cluster has a GPU at all."""
+    """`use_gpu: auto` is whether the cluster has a GPU at all (this machine, where no Ray was needed)."""
     if isinstance(setting, bool):
         return setting
+    from ftl.pipeline import ray_session
+
+    if not ray_session.started():
+        return torch.cuda.is_available()
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0

@@ -48,6 +48,23 @@ def local() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
+def started() -> bool:
+    """Whether this process is connected to a Ray runtime (without importing Ray to ask)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def this_machine_only() -> bool:
+    """Whether Ray's work would run on this machine alone: no runtime yet and no cluster to join, or a
+    runtime of one node, this one. Work sent to a Ray task there buys no placement and no retry."""
+    if not started():
+        return local()
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0]["NodeManagerAddress"] == ray.util.get_node_ip_address()
+
+
 def inherits_worker_env() -> bool:
     """Whether workers already start with WORKER_ENV: a local runtime this process started (`_start` sets it)."""
     return _started_local

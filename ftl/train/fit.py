@@ -1,5 +1,5 @@
-"""Fitting a head: in one Ray task when one worker holds it (ftl.train.solo), else TorchTrainer workers
-reading their shards through Ray Data.
+"""Fitting a head: in one Ray task when one worker holds it (ftl.train.solo; in this process on a local
+runtime), else TorchTrainer workers reading their shards through Ray Data.
 
 Each worker holds its shard in memory when it fits (features are small next to images), so
 an epoch costs a pass over a tensor, not a pass through the Ray Data pipeline. When it does
@@ -24,6 +24,7 @@ from ftl.errors import TrainError
 from ftl.fitting import core, live
 from ftl.fitting.workers import all_reduce, ingest_options, run_config, torch_config, use_gpu
 from ftl.model import heads
+from ftl.pipeline import ray_session
 from ftl.train import memory, shards, solo
 from ftl.train.job import HeadJob
 from ftl.train.worker import LBFGS_ITERS, train_worker
@@ -79,12 +80,13 @@ def ray_world() -> int:
 
 def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, run_name: str,
         storage_options: dict | None = None, stream: bool | None = None, lbfgs_iters: int = LBFGS_ITERS,
-        worker_group: bool = False) -> Fit:
+        worker_group: bool = False, task: bool = False, **lbfgs) -> Fit:
     """Fit one head (or a weight-decay sweep): in one Ray task when one worker holds it, else with TorchTrainer.
 
     For benchmarks: `stream=True` streams train even when it would fit held (else the memory a
     worker may use decides); `lbfgs_iters` sets L-BFGS iterations per epoch; `worker_group=True` fits on a
-    worker group even when one task would do.
+    worker group even when one task would do, `task=True` in a Ray task even on this machine alone;
+    `lbfgs_path` and `lbfgs_tolerance` as in HeadJob.
     """
     started = time.perf_counter()
     hidden = cfg.hidden if cfg.head == "mlp" else []
@@ -99,14 +101,16 @@ def fit(cfg: TrainConfig, x: dict, y: dict, *, classes: int, storage_path: str, 
     initial = heads.Head(dim, classes, hidden=hidden, mean=mean, std=std).state_dict()
     weights = heads.class_weights(y["train"], classes, cfg.class_weights)
     gpu = use_gpu(cfg.use_gpu)
-    shown = live.training("train")  # epochs as they end, from rank 0 (ftl.fitting.live)
+    solo_fit = not (stream or worker_group) and cfg.workers == 1  # one worker holds it: no group (train.solo)
+    here = solo_fit and not task and ray_session.this_machine_only()
+    shown = live.training("train", remote=not here)  # epochs as they end, from rank 0 (ftl.fitting.live)
     job = HeadJob(train=cfg, head=head_config, initial=initial,
                   class_weights=None if weights is None else weights.tolist(), stream=stream, rows=rows,
-                  lbfgs_iters=lbfgs_iters, progress=shown.handle)
+                  lbfgs_iters=lbfgs_iters, progress=shown.handle, **lbfgs)
     try:
         with shown:
-            if not (stream or worker_group) and cfg.workers == 1:  # one worker holds it: no group (train.solo)
-                out = solo.run(job, x, y, gpu=gpu, retries=MAX_FAILURES)
+            if solo_fit:
+                out = solo.here(job, x, y, gpu=gpu) if here else solo.run(job, x, y, gpu=gpu, retries=MAX_FAILURES)
                 blob = out.pop("state")
                 checkpoint = solo.save(blob, storage_path=storage_path, run_name=run_name,
                                        storage_options=storage_options)

@@ -17,3 +17,5 @@ class HeadJob:
     rows: dict[str, int]  # train and val rows in all
     lbfgs_iters: int  # L-BFGS iterations per reported epoch
     progress: object  # the Epochs actor (ftl.fitting.live) rank 0 tells, or None
+    lbfgs_path: bool = True  # a linear head's weight decays as a warm-started path (ftl.train.worker)
+    lbfgs_tolerance: float | None = None  # L-BFGS's gradient tolerance; None: worker.LBFGS_TOLERANCE_GRAD

@@ -68,6 +68,13 @@ def need(*, optimizer: str, rows: int, val_rows: int, dim: int, classes: int, hi
 def budget(workers: int, *, staged: int = 0) -> tuple[int, str]:
     """Bytes one Ray Train worker may use, and where that number comes from (`staged`: bound for the object store)."""
     import psutil
+
+    from ftl.pipeline import ray_session
+
+    if not ray_session.started():  # no runtime needed so far: the fit would run here, in this process
+        mem = psutil.virtual_memory()
+        return int(mem.available / workers), f"this machine has {gib(mem.available)} GiB available, " \
+                                              f"shared by {workers} worker(s)"
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]

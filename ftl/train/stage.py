@@ -68,10 +68,13 @@ def run(wf: Workflow, *, extraction_run: str | None = None) -> TrainResult:
     # Still before any run starts: weights that do not match the features fail with nothing logged.
     backbone = register.backbone_for(wf, data.provenance)
     extraction_run = extraction_run or tracking.find_extraction(data.provenance.feature_set, data.uri)
-    ensure_ray()
+    if not in_process(cfg):
+        ensure_ray()
     # An L-BFGS split that cannot fit in a worker fails here, before a run is logged.
-    memory.decide(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer.dim,
-                classes=len(data.classes))
+    streams, _, _ = memory.decide(cfg, rows=data.rows("train"), val_rows=data.rows("val"), dim=data.layer.dim,
+                                  classes=len(data.classes))
+    if streams:
+        ensure_ray()
     return train(wf, data=data, backbone=backbone, registered=registered, key=key, extraction_run=extraction_run,
                  started=started, warnings=warnings)
 
@@ -110,6 +113,14 @@ def fit_head(wf: Workflow, *, data: features.FeatureData, run_name: str) -> fit.
                           "worker_peak_private_mib": fitted.peak_private / 2**20})
     tracking.log_text("\n".join(f"{r}" for r in fitted.sweep) + "\n", "sweep.txt")
     return fitted
+
+
+def in_process(cfg) -> bool:
+    """Whether the head can be fitted in this process with no Ray runtime (ftl.train.solo.here): one worker,
+    on this machine; unless the features turn out too large to hold (`memory.decide`), then Ray streams them."""
+    from ftl.pipeline import ray_session
+
+    return cfg.workers == 1 and ray_session.local()
 
 
 def train_key(wf: Workflow, data: features.FeatureData, registered: str) -> str:

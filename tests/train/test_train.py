@@ -175,3 +175,18 @@ def test_features_of_an_older_ftl_are_refused_saying_how_to_convert(tmp_path, fm
     assert main(["train", str(wf)]) == 2
     err = capsys.readouterr().err
     assert "written by an older ftl as plain Parquet" in err and "ftl extract" in err
+
+def test_a_head_one_process_holds_is_fitted_without_starting_ray(tmp_path, fmnist, fmnist_features, mlflow_server):
+    """`ftl train` on a local machine fits a small head in its own process: no Ray runtime, no Ray task."""
+    import subprocess
+    import sys
+
+    wf = workflow(tmp_path, fmnist, fmnist_features, name="no-ray")
+    probe = ("import sys; from ftl import cli; from ftl.pipeline import ray_session; code = cli.main(sys.argv[1:]); "
+             "print('ray started:', ray_session.started(), 'ray imported:', 'ray' in sys.modules); sys.exit(code)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": mlflow_server}
+    done = subprocess.run([sys.executable, "-c", probe, "train", str(wf)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "image model: models:/fmnist-no-ray/1" in done.stdout, done.stdout
+    assert "ray started: False" in done.stdout, done.stdout
