@@ -46,14 +46,6 @@ def build(config: dict, state: dict | None = None) -> Head:
     return head
 
 
-def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the train features; constant features keep a std of 1."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    std = x.std(axis=0, dtype=np.float64)
-    std[std < 1e-6] = 1.0
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
 def class_weights(y: np.ndarray, classes: int, how: str) -> np.ndarray | None:
     """'balanced': n / (classes * count), as scikit-learn defines it."""
     if how == "none":

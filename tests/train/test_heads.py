@@ -138,3 +138,20 @@ def test_linear_lbfgs_grid_as_a_warm_path_chooses_as_cold_fits_in_fewer_passes(d
     assert abs(accuracy(fits[True].head, data) - accuracy(fits[False].head, data)) <= 1 / len(data.y["test"]) + 1e-9
     assert [r["weight_decay"] for r in fits[True].sweep] == cfg.weight_decay  # reported in the workflow's order
     assert passes[True] < passes[False], passes  # here 280 against 462; 2.9 s against 8.3 s on benchmarks/train.py
+
+
+def test_standardisation_scales_no_feature_up_past_ten_times_the_median_feature():
+    """A unit that barely varies on train must not turn its rare firing at test time into a 1,000-sigma input."""
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0, 1, 5000), rng.normal(3, 2, 5000), rng.normal(0, 1e-5, 5000), np.full(5000, 7.0),
+                  rng.normal(0, 0.5, 5000)], axis=1).astype(np.float32)
+    mean, std = core.standardisation(x, chunk_rows=1000)
+    assert np.allclose(mean, x.mean(0), atol=1e-4)
+    assert std[0] == pytest.approx(1, rel=0.05) and std[1] == pytest.approx(2, rel=0.05)  # untouched
+    assert std[3] == 1.0  # constant: left as it is
+    # The varying features' median spread (of about 1, 2, 0.5 and 1e-5): the near-dead one gets a tenth of it.
+    floor = core.STD_FLOOR * np.median(x[:, [0, 1, 2, 4]].std(0))
+    assert floor == pytest.approx(0.075, rel=0.05) and std[2] == pytest.approx(floor, rel=1e-4)
+    assert std[4] == pytest.approx(0.5, rel=0.05)
+    z = (np.float32(1e-3) - mean[2]) / std[2]  # a firing a hundred times its train spread: 0.01 sigma, not 100
+    assert abs(z) < 0.1
