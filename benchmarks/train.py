@@ -81,14 +81,17 @@ def main() -> None:
     storage = str(CACHE / "checkpoints")
     rows = [("scikit-learn LogisticRegression(lbfgs), C tuned", *sklearn_probe(data))]
     lbfgs = TrainConfig(optimizer="lbfgs", weight_decay=grid, epochs=50, patience=5, workers=args.workers)
-    chosen = lambda best: f"C={1 / (best['weight_decay'] * n):.3g}"  # noqa: E731
+
+    def chosen(best: dict) -> str:
+        return f"C={1 / (best['weight_decay'] * n):.3g}"
+
     secs, acc, best = ftl_head(data, lbfgs, storage)
     rows.append(("ftl linear, L-BFGS, weight decay tuned", secs, acc, chosen(best)))
     if args.workers == 1:  # what each part of the default saves: the same grid without it, in the same run
-        for name, how in [("  as before: cold starts, 1e-9 tolerance", {"lbfgs_path": False, "lbfgs_tolerance": 1e-9}),
-                          ("  as before, and in one Ray task", {"lbfgs_path": False, "lbfgs_tolerance": 1e-9,
-                                                               "task": True}),
-                          ("  the path, on a Ray Train worker group", {"worker_group": True})]:
+        before = {"lbfgs_path": False, "lbfgs_tolerance": 1e-9}
+        for name, how in [("as before: cold starts, 1e-9 tolerance", before),
+                          ("as before, and in one Ray task", before | {"task": True}),
+                          ("the path, on a Ray Train worker group", {"worker_group": True})]:
             secs, acc, best = ftl_head(data, lbfgs, storage, **how)
             rows.append((name, secs, acc, chosen(best)))
     secs, acc, best = ftl_head(data, TrainConfig(optimizer="adamw", weight_decay=1e-4, epochs=100, patience=10,
@@ -96,7 +99,7 @@ def main() -> None:
     rows.append(("ftl linear, AdamW + cosine, early stopping", secs, acc, f"best epoch {best['epoch']}"))
     print(f"\n| method | seconds | test accuracy | chosen |\n|---|---:|---:|---|")
     for name, secs, acc, what in rows:
-        print(f"| {name.strip()} | {secs:.1f} | {acc:.4f} | {what if isinstance(what, str) else f'C={what}'} |")
+        print(f"| {name} | {secs:.1f} | {acc:.4f} | {what if isinstance(what, str) else f'C={what}'} |")
 
 
 if __name__ == "__main__":

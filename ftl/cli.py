@@ -225,12 +225,12 @@ def entrypoint() -> None:
     logs.own_process(sys.argv[1:])  # only a real `ftl` process: never one that calls main() in-process
     code = main()
     session = sys.modules.get("ftl.pipeline.ray_session")
-    if session is not None and session.leave():
-        # The local Ray runtime this command started goes as soon as this process does: skip the
-        # interpreter's slow teardown too (a second or more with torch and MLflow loaded), and
-        # Ray's graceful shutdown with it. What exit would still do is done here.
-        finish_fast(code)
-    if session is None or not session.started():  # no Ray at all (`ftl train` of a small head): the same teardown
+    # The local Ray runtime this command started goes as soon as this process does (or there is no
+    # Ray at all, as for `ftl train` of a small head): skip the interpreter's slow teardown too (a
+    # second or more with torch and MLflow loaded), and Ray's graceful shutdown with it. What exit
+    # would still do is done here.
+    left = session is not None and session.leave()
+    if left or session is None or not session.started():
         finish_fast(code)
     sys.exit(code)
 

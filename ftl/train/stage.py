@@ -120,7 +120,7 @@ def in_process(cfg) -> bool:
     on this machine; unless the features turn out too large to hold (`memory.decide`), then Ray streams them."""
     from ftl.pipeline import ray_session
 
-    return cfg.workers == 1 and ray_session.local()
+    return cfg.workers == 1 and ray_session.this_machine_only()
 
 
 def train_key(wf: Workflow, data: features.FeatureData, registered: str) -> str:

@@ -176,6 +176,7 @@ def test_features_of_an_older_ftl_are_refused_saying_how_to_convert(tmp_path, fm
     err = capsys.readouterr().err
     assert "written by an older ftl as plain Parquet" in err and "ftl extract" in err
 
+
 def test_a_head_one_process_holds_is_fitted_without_starting_ray(tmp_path, fmnist, fmnist_features, mlflow_server):
     """`ftl train` on a local machine fits a small head in its own process: no Ray runtime, no Ray task."""
     import subprocess
