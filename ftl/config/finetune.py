@@ -43,8 +43,13 @@ class FinetuneConfig(Strict):
     warmup_epochs: int = Field(default=1, ge=0, description="linear lr warmup before the cosine decay: AdamW's first "
                                "steps move every weight by about the lr, which distorts pretrained blocks")
     # 3 stopped the top blocks at their starting point on held-back digits, where 10 reached the best model of all.
-    patience: int = Field(default=10, ge=1, description="epochs without a better val loss before stopping (the best "
-                          "epoch on val loss is kept either way)")
+    patience: int = Field(default=10, ge=1, description="epochs without a better val epoch (by `monitor`) before "
+                          "stopping (the best epoch is kept either way)")
+    # Accuracy, as the choice between candidates and the probe is made (paired val accuracy): by val loss, an
+    # epoch that got more images right but grew more confident on the rest was never kept.
+    monitor: Literal["accuracy", "loss"] = Field(default="accuracy", description="which val epoch a candidate keeps: "
+                                                 "the highest val accuracy (its lower loss breaking ties) or the "
+                                                 "lowest val loss")
     batch_size: int = Field(default=64, ge=1, description="global: split across workers")
     workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP: gloo on CPU, NCCL on GPUs)")
     use_gpu: Literal["auto"] | bool = "auto"

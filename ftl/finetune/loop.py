@@ -130,7 +130,7 @@ def candidate(s: Session, p: ResumeState, *, trained: list[str], order: list[str
 
         model = ray.train.torch.prepare_model(s.net, move_to_device=False)
     opt, sched = optimizer(s, trained, order, rows)
-    stop = core.EarlyStopping(s.cfg.patience)
+    stop = core.EarlyStopping(s.cfg.patience, monitor=s.cfg.monitor)
     first = 1
     if p.current:  # resumed: this candidate's state as its last checkpoint left it
         s.chunked.load_state_dict(p.current["net"])

@@ -64,3 +64,28 @@ def test_shared_storage_is_stored_as_copies(tmp_path):
     state.save({"a": w, "tied": w, "view": w[1:]}, str(tmp_path))
     back = state.load(str(tmp_path))
     assert torch.equal(back["a"], w) and torch.equal(back["tied"], w) and torch.equal(back["view"], w[1:])
+
+
+class Table(torch.nn.Module):
+    """Logits looked up by row: an epoch's predictions set by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("logits", torch.zeros(4, 2))
+
+    def forward(self, x):
+        return self.logits[x.long()]
+
+
+@pytest.mark.parametrize("monitor, kept", [("loss", 0), ("accuracy", 1)])
+def test_the_kept_epoch_is_the_best_by_what_is_monitored(monitor, kept):
+    x, y = torch.arange(4.0), torch.tensor([0, 0, 1, 1])
+    epochs = [torch.tensor([[1.0, 0], [1, 0], [0.2, 0], [0.2, 0]]),  # 2 of 4 right, the misses unsure: low loss
+              torch.tensor([[1.0, 0], [1, 0], [0, 1], [9, 0]])]  # 3 of 4 right, one miss sure of itself
+    model, stop = Table(), core.EarlyStopping(patience=5, monitor=monitor)
+    for epoch, logits in enumerate(epochs):
+        model.logits.copy_(logits)
+        stop.observe(model, x, y, epoch=epoch, train_loss=1.0, lr=0.1)
+    (first, second) = stop.history
+    assert first["val_loss"] < second["val_loss"] and first["val_accuracy"] < second["val_accuracy"]
+    assert stop.epoch == kept and torch.equal(stop.best(model)["logits"], epochs[kept])
