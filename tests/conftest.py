@@ -59,10 +59,6 @@ def ray_runtime(s3_server):
 
     from tests.support.sessions import running
 
-    # A CLI call made in this process before (a workflow error found once Ray was starting) may have
-    # left the runtime it started; this session's runtime replaces it.
-    if ray.is_initialized():
-        ray.shutdown()
     before = {p.pid for p in psutil.Process().children()}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=True)
     roots = [p for p in psutil.Process().children() if p.pid not in before]  # GCS, raylet, monitors
